@@ -1,0 +1,30 @@
+# Two commands for a fresh machine: `make quickstart` and `make test`.
+# The constraints file pins torch to the CPU wheel this machine has on disk.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c constraints.txt
+
+.PHONY: install install-dev quickstart test test-fast bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(PIP) -e .
+
+install-dev: $(BIN)/python
+	$(PIP) -e ".[dev]"
+
+quickstart: install
+	$(BIN)/offpolicy train recipes/quickstart.yaml
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+test-fast: install-dev
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

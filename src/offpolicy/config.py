@@ -1,0 +1,200 @@
+"""Typed run configuration: one YAML file describes a run; ``key.sub=value`` overrides it.
+
+Unknown keys and wrong types are errors that name the key (pydantic, ``extra="forbid"``).
+The resolved config is written next to the run's outputs as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key."""
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """Safe YAML, except that ``3e-4`` is a float: YAML 1.1 wants a dot (``3.0e-4``) and reads it as a string."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Strict):
+    name: str = "run"  # shown in the console and summary
+    out_dir: str = "runs/run"  # where config.yaml, metrics.jsonl, summary.json, checkpoints and plots go
+    seed: int = 0  # seeds torch, task sampling and the rollout engine
+    threads: int = 2  # torch intra-op threads (the CPU machine has 2 cores)
+    checkpoint_every: int = 50  # RL steps between checkpoints (one is always written at the end)
+    progress: bool = True  # rich progress bar and tables on the console
+
+
+class PolicyConfig(_Strict):
+    init: str = "tiny"  # "tiny" = fresh built-in model; else a checkpoint folder or Hugging Face id
+    d_model: int = 160  # tiny model width
+    n_layers: int = 3  # tiny model depth
+    n_heads: int = 4  # tiny model attention heads
+    max_len: int = 64  # tiny model context (prompt + response tokens)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # Hugging Face models only
+
+
+class TaskConfig(_Strict):
+    name: str = "addition"  # a registered task (offpolicy.data.tasks.TASKS)
+    params: dict[str, Any] = Field(default_factory=dict)  # passed to the task factory
+    reward: str | None = None  # optional "module:function" replacing the task's verifier
+    reward_timeout_s: float | None = None  # per-call time limit for the reward (None = no limit)
+
+
+class SamplingConfig(_Strict):
+    max_new_tokens: int = 8  # response length limit (tokens)
+    temperature: float = 1.0  # rollout temperature; the learner scores with the same one
+    top_p: float = 1.0  # nucleus sampling (engine only; shows up as train-inference mismatch)
+
+
+class EvalConfig(_Strict):
+    n_problems: int = 500  # held-out problems (disjoint from training prompts)
+    every: int = 25  # RL steps between evaluations
+    samples: int = 8  # samples per problem for sampled accuracy and pass@k
+    temperature: float = 1.0  # temperature of the sampled evaluation
+
+
+class OptimConfig(_Strict):
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    warmup_steps: int = 0  # linear warm-up, in optimizer steps
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up (step-based, never wall-clock)
+    min_lr_ratio: float = 0.1  # floor of cosine/linear decay as a fraction of lr
+
+
+class SFTConfig(_Strict):
+    steps: int = 0  # optimizer steps of supervised fine-tuning on expert solutions (0 = skip the stage)
+    batch_size: int = 64  # expert traces per step
+    eval_every: int = 0  # SFT steps between evaluations (0 = only before and after)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, schedule="cosine"))
+
+
+class BufferConfig(_Strict):
+    capacity: int = 4096  # groups kept at most (oldest evicted first, counted)
+    sampling: Literal["fifo", "uniform"] = "uniform"  # which stored groups an update trains on
+    max_staleness: int = 4  # groups older than this many policy versions are evicted (counted)
+    max_uses: int | None = None  # a group retires after this many updates used it (None = no limit)
+
+
+class RLConfig(_Strict):
+    steps: int = 0  # rollout steps (0 = skip the stage); each is followed by `updates_per_step` updates
+    prompts_per_step: int = 128  # prompts sampled per rollout step
+    group_size: int = 8  # responses per prompt (a group)
+    updates_per_step: int = 1  # optimizer updates after each rollout step
+    groups_per_update: int = 128  # groups sampled from the buffer for one update
+    loss: str = "ppo_clip"  # a name in POLICY_LOSSES
+    loss_params: dict[str, Any] = Field(default_factory=dict)  # hyperparameters of the loss
+    advantage: str = "grpo"  # a name in ADVANTAGES
+    advantage_params: dict[str, Any] = Field(default_factory=dict)
+    aggregation: str | None = None  # a name in AGGREGATIONS (None = the loss's default)
+    old_logp: Literal["proximal", "behavior"] = "proximal"  # what `old_logp` is: recomputed, or the engine's
+    correction: str | None = None  # a name in CORRECTIONS (train-inference/staleness IS weights)
+    correction_params: dict[str, Any] = Field(default_factory=dict)
+    kl_coef: float = 0.0  # weight of KL(policy || reference) added to the loss (0 = no reference model)
+    kl_estimator: str = "k3"  # a name in KL_ESTIMATORS
+    drop_uninformative_groups: bool = True  # groups whose rewards are all equal carry no signal: counted, not stored
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+
+
+class Config(_Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.rl.steps and self.rl.groups_per_update < 1:
+            raise ValueError("rl.groups_per_update must be >= 1")
+        if self.rl.steps and self.rl.group_size < 2 and self.rl.advantage in ("grpo", "dr_grpo", "rloo"):
+            raise ValueError(f"rl.group_size must be >= 2 for the group-relative advantage {self.rl.advantage!r}")
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"rl.optim.lr=3e-4"`` -> (["rl", "optim", "lr"], 0.0003); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = _yaml_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe (or defaults), apply ``key=value`` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"recipe {p} does not exist")
+        try:
+            data = _yaml_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {p} must be a mapping of sections, got {type(data).__name__}")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, path)) from None
+
+
+def _describe(err: ValidationError, path) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid config{where}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    if len(lines) == 2:  # one problem: one line
+        return f"{lines[0]} {lines[1].strip()}"
+    return "\n".join(lines)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

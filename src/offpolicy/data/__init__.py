@@ -1,0 +1,1 @@
+"""Tasks, rewards and (later) the replay buffer: the data side of the flow."""

@@ -1,0 +1,294 @@
+"""Verifiers and the guarded batch scorer.
+
+Verifiers are registered in ``VERIFIERS`` as ``fn(completion, answer, **params) -> float``;
+:func:`make_reward_fn` turns a verifier name (or a user ``"module:function"``) into a
+reward function ``(prompt, completion, answer) -> float``.
+
+:func:`score_batch` is the only place the run calls scoring code, and it never lets
+that code crash the run: an exception, a non-numeric or non-finite result gives reward
+0.0 and is counted; with ``timeout_s`` an overrunning call gives 0.0 and is counted.
+
+Timeouts use daemon threads, not processes: Python cannot kill a thread, so a call
+that overruns is *abandoned* -- its thread keeps running until the call returns on
+its own (then exits, its result discarded) and a fresh worker takes its place, so the
+batch never waits on it. This needs no pickling and costs ~0.1 ms per call, but it
+cannot interrupt code that holds the GIL without releasing it (e.g. a catastrophic
+backtracking ``re`` match): such a call stalls the whole process. Pure-Python code,
+sympy (math-verify) and I/O are interrupted fine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from offpolicy.objectives.registry import Registry
+
+if TYPE_CHECKING:
+    from offpolicy.data.tasks.base import Problem
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[str, str, str], float]  # (prompt, completion, answer) -> reward
+VERIFIERS = Registry("verifier")
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def extract_answer(completion: str) -> str:
+    """The content of the last ``<answer>...</answer>`` if there is one, else the completion; stripped."""
+    tags = _ANSWER_TAG.findall(completion)
+    return (tags[-1] if tags else completion).strip()
+
+
+# ------------------------------------------------------------------ verifiers
+
+@VERIFIERS.register("exact")
+def exact(completion: str, answer: str) -> float:
+    """1.0 iff the extracted answer equals ``answer`` (both stripped)."""
+    return 1.0 if extract_answer(completion) == answer.strip() else 0.0
+
+
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_NUMBER_OR_FRACTION = re.compile(rf"({_NUMBER})(?:\s*/\s*({_NUMBER}))?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def parse_number(text: str) -> float | None:
+    """The number ``text`` states: the whole text if it is one, else its last number; ``a/b`` is a fraction.
+
+    Thousands separators (``1,234``) are removed. Returns ``None`` if there is no number.
+    """
+    text = _THOUSANDS.sub("", text.strip())
+    whole = _NUMBER_OR_FRACTION.fullmatch(text)
+    matches = [whole] if whole else list(_NUMBER_OR_FRACTION.finditer(text))
+    if not matches:
+        return None
+    num, den = matches[-1].group(1), matches[-1].group(2)
+    if den is None:
+        return float(num)
+    return float(Fraction(num) / Fraction(den)) if float(den) != 0 else None
+
+
+@VERIFIERS.register("numeric")
+def numeric(completion: str, answer: str, *, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> float:
+    """1.0 iff the number in the extracted answer equals the reference within tolerance."""
+    gold = parse_number(answer)
+    if gold is None:
+        raise ValueError(f"numeric verifier: reference answer {answer!r} is not a number")
+    pred = parse_number(extract_answer(completion))
+    return 1.0 if pred is not None and math.isclose(pred, gold, rel_tol=rel_tol, abs_tol=abs_tol) else 0.0
+
+
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError as e:
+        raise ImportError("the 'math_verify' verifier needs math-verify: pip install 'offpolicy[tasks]'") from e
+    return math_verify
+
+
+_MATH_DELIMS = ("$", "\\(", "\\[", "\\boxed")
+
+
+@VERIFIERS.register("math_verify")
+def math_verify_(completion: str, answer: str) -> float:
+    """1.0 iff math-verify finds the completion's answer equivalent to the reference.
+
+    math-verify's own timeouts use ``signal.alarm``, which raises outside the main
+    thread; they are switched off here. Bound the time with ``score_batch(timeout_s=...)``.
+    A reference without math delimiters is read as ``$answer$``.
+    """
+    mv = _math_verify()
+    gold_text = answer if any(d in answer for d in _MATH_DELIMS) else f"${answer}$"
+    gold = mv.parse(gold_text, parsing_timeout=None)
+    if not gold:
+        raise ValueError(f"math_verify verifier: could not parse the reference answer {answer!r}")
+    pred = mv.parse(completion, parsing_timeout=None)
+    return 1.0 if pred and mv.verify(gold, pred, timeout_seconds=None) else 0.0
+
+
+@VERIFIERS.register("format")
+def format_(completion: str, answer: str, *, pattern: str = r"<answer>.*?</answer>", fullmatch: bool = False) -> float:
+    """1.0 iff ``pattern`` matches the completion (``re.search``, or ``re.fullmatch``; DOTALL). Ignores ``answer``."""
+    match = re.fullmatch if fullmatch else re.search
+    return 1.0 if match(pattern, completion, re.DOTALL) else 0.0
+
+
+# ------------------------------------------------------------ reward functions
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """Import a user reward function ``fn(prompt, completion, answer) -> float`` from ``"package.module:function"``."""
+    module_name, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function {spec!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ValueError(f"reward function {spec!r}: module {module_name!r} not found") from e
+        raise ValueError(f"reward function {spec!r}: importing {module_name!r} failed: {e}") from e
+    fn = module
+    for part in attr.split("."):
+        try:
+            fn = getattr(fn, part)
+        except AttributeError:
+            raise ValueError(f"reward function {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {attr!r} is a {type(fn).__name__}, not callable")
+    return fn
+
+
+def make_reward_fn(spec: str, **params: Any) -> RewardFn:
+    """A reward function ``(prompt, completion, answer) -> float`` from a verifier name or ``"module:function"``.
+
+    ``params`` are bound as keyword arguments (unknown ones are a ``ValueError``).
+    """
+    if isinstance(spec, str) and ":" in spec:
+        fn = load_reward_fn(spec)
+        if not params:
+            return fn
+        return lambda prompt, completion, answer: fn(prompt, completion, answer, **params)
+    from offpolicy.data.tasks.base import check_params  # lazy: the tasks package imports this module
+
+    verifier = VERIFIERS[spec]
+    check_params(f"verifier {spec!r}", verifier, params, n_positional=2)
+    return lambda prompt, completion, answer: verifier(completion, answer, **params)
+
+
+# ----------------------------------------------------------------- batch scoring
+
+@dataclass
+class ScoreResult:
+    rewards: list[float]
+    n_errors: int = 0  # exceptions, non-numeric or non-finite results (each scored 0.0)
+    n_timeouts: int = 0  # calls that overran timeout_s (each scored 0.0)
+    first_error: str | None = None
+
+
+def _as_reward(value: Any) -> float:
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"reward must be a number, got {type(value).__name__}")
+    try:
+        reward = float(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"reward must be a number, got {type(value).__name__}") from e
+    if not math.isfinite(reward):
+        raise ValueError(f"reward is not finite: {reward}")
+    return reward
+
+
+def score_batch(
+    score_fn: Callable[[Problem, str], float],
+    problems: Sequence[Problem],
+    completions: Sequence[str],
+    *,
+    timeout_s: float | None = None,
+    max_workers: int = 4,
+) -> ScoreResult:
+    """Score ``completions[i]`` against ``problems[i]`` with ``score_fn`` (e.g. ``task.score``), never raising.
+
+    ``timeout_s=None`` calls ``score_fn`` directly in this thread (the fast path).
+    Otherwise up to ``max_workers`` daemon threads run the calls and each call
+    gets ``timeout_s`` seconds from its start (see the module docstring).
+    Failures are logged once per batch.
+    """
+    if len(problems) != len(completions):
+        raise ValueError(f"score_batch: {len(problems)} problems but {len(completions)} completions")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"score_batch: timeout_s must be > 0 or None, got {timeout_s!r}")
+    if timeout_s is None:
+        outcomes = []
+        for problem, completion in zip(problems, completions):
+            try:
+                outcomes.append(("ok", score_fn(problem, completion)))
+            except Exception as e:  # noqa: BLE001 -- reward code must not crash the run
+                outcomes.append(("error", e))
+    else:
+        outcomes = _run_timed(score_fn, problems, completions, timeout_s, max_workers)
+
+    result = ScoreResult(rewards=[0.0] * len(outcomes))
+    for i, (status, value) in enumerate(outcomes):
+        if status == "timeout":
+            result.n_timeouts += 1
+            continue
+        try:
+            if status == "error":
+                raise value
+            result.rewards[i] = _as_reward(value)
+        except Exception as e:  # noqa: BLE001
+            result.n_errors += 1
+            if result.first_error is None:
+                result.first_error = f"problem {problems[i].id!r}: {type(e).__name__}: {e}"
+    if result.n_errors or result.n_timeouts:
+        logger.warning(
+            "score_batch: %d of %d reward calls scored 0.0: %d errors (first: %s), %d timeouts (limit %s s)",
+            result.n_errors + result.n_timeouts, len(outcomes), result.n_errors, result.first_error,
+            result.n_timeouts, timeout_s,
+        )
+    return result
+
+
+def _run_timed(
+    score_fn: Callable[[Problem, str], float],
+    problems: Sequence[Problem],
+    completions: Sequence[str],
+    timeout_s: float,
+    max_workers: int,
+) -> list[tuple[str, Any]]:
+    """Run the calls on daemon worker threads; abandon (and replace) any worker whose call overruns."""
+    n = len(problems)
+    outcomes: list[tuple[str, Any] | None] = [None] * n
+    cond = threading.Condition()
+    state = {"next": 0, "done": 0}
+    running: dict[int, float] = {}  # index -> monotonic start time
+    abandoned: set[int] = set()
+
+    def worker() -> None:
+        while True:
+            with cond:
+                i = state["next"]
+                if i >= n:
+                    return
+                state["next"] = i + 1
+                running[i] = time.monotonic()
+            try:
+                outcome: tuple[str, Any] = ("ok", score_fn(problems[i], completions[i]))
+            except Exception as e:  # noqa: BLE001
+                outcome = ("error", e)
+            with cond:
+                if i in abandoned:
+                    return  # overran: the main thread already scored it and started a replacement
+                running.pop(i)
+                outcomes[i] = outcome
+                state["done"] += 1
+                cond.notify_all()
+
+    def spawn() -> None:
+        threading.Thread(target=worker, name="offpolicy-reward", daemon=True).start()
+
+    with cond:
+        for _ in range(max(1, min(max_workers, n))):
+            spawn()
+        while state["done"] < n:
+            now = time.monotonic()
+            for i, started in list(running.items()):
+                if now - started >= timeout_s:
+                    del running[i]
+                    abandoned.add(i)
+                    outcomes[i] = ("timeout", None)
+                    state["done"] += 1
+                    spawn()
+            if state["done"] >= n:
+                break
+            # A call may start right after we look; waiting at most timeout_s re-checks it in time.
+            wake = min((s + timeout_s for s in running.values()), default=now + timeout_s)
+            cond.wait(timeout=max(wake - now, 1e-4))
+    return outcomes  # type: ignore[return-value]

@@ -1,0 +1,239 @@
+"""One learner update: parameters move, metrics are finite, hyperparameters are checked, inputs are routed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from offpolicy.config import ConfigError, OptimConfig, RLConfig
+from offpolicy.experience import Experience, collate
+from offpolicy.objectives import POLICY_LOSSES
+from offpolicy.rollout.engines import SamplingParams, TinyEngine
+from offpolicy.train.learner import Learner, make_optimizer, sft_update
+
+PROMPTS = ["12+34=", "5+6=", "70+8="]
+GROUP = 4
+
+
+def rl(**kw) -> RLConfig:
+    kw.setdefault("optim", OptimConfig(lr=1e-2))
+    return RLConfig(**kw)
+
+
+def rollout_batch(policy, *, shift: float = 0.0, expert_rows: int = 0, version: int = 0):
+    """Sampled groups with distinct rewards (so group advantages are non-zero) and behaviour log-probs.
+
+    ``shift`` is added to every behaviour log-prob (a stand-in for an engine that disagrees with the learner).
+    """
+    tok = policy.tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS for _ in range(GROUP)]
+    gens = TinyEngine(policy).generate(prompts, SamplingParams(max_new_tokens=5), seed=0)
+    exps = [Experience(p, g.response_ids, reward=float(i % GROUP) / GROUP,
+                       behavior_logprobs=[lp + shift for lp in g.logprobs], policy_version=version,
+                       group_id=f"g{i // GROUP}")
+            for i, (p, g) in enumerate(zip(prompts, gens))]
+    for j in range(expert_rows):
+        exps.append(Experience(tok.encode(PROMPTS[j]), tok.encode("46") + [tok.eos_id], reward=1.0, source="expert",
+                               group_id=f"g{j}"))
+    return collate(exps, tok.pad_id)
+
+
+def params_of(policy):
+    return [p.detach().clone() for p in policy.parameters()]
+
+
+def changed(before, policy):
+    return any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def all_finite(metrics):
+    return all(torch.isfinite(v).all() for v in metrics.values())
+
+
+def test_update_changes_parameters_and_reports_finite_metrics(tiny_policy):
+    learner = Learner(tiny_policy, rl(), total_updates=2)
+    before = params_of(tiny_policy)
+    metrics = learner.update(rollout_batch(tiny_policy))
+    assert changed(before, tiny_policy)
+    assert learner.version == 1
+    assert all_finite(metrics) and all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
+    for key in ("loss/policy", "loss/grad_norm", "loss/clip_frac", "loss/ratio_mean", "optim/lr", "policy/entropy",
+                "adv/abs_mean", "offpolicy/ess", "offpolicy/ess_token", "offpolicy/staleness_mean",
+                "offpolicy/staleness_max"):
+        assert key in metrics, key
+    # fresh rollouts from the same weights: on-policy, ratio 1, full ESS, staleness 0
+    assert metrics["loss/ratio_mean"].item() == pytest.approx(1.0, abs=1e-4)
+    assert metrics["offpolicy/ess"].item() == pytest.approx(1.0, abs=1e-3)
+    assert metrics["offpolicy/staleness_mean"].item() == 0.0
+    assert metrics["optim/lr"].item() == pytest.approx(1e-2)
+
+
+def test_staleness_is_measured_against_the_learner_version(tiny_policy):
+    learner = Learner(tiny_policy, rl(), total_updates=4)
+    learner.version = 3
+    metrics = learner.update(rollout_batch(tiny_policy, version=1))
+    assert metrics["offpolicy/staleness_mean"].item() == pytest.approx(2.0)
+    assert metrics["offpolicy/staleness_max"].item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("section,key", [("loss_params", "clip_hi"), ("advantage_params", "temperature")])
+def test_unknown_hyperparameter_names_the_recipe_key(tiny_policy, section, key):
+    with pytest.raises(ConfigError, match=rf"rl\.{section}\.{key}: not a hyperparameter of .*valid: \[") as err:
+        Learner(tiny_policy, rl(**{section: {key: 0.3}}), total_updates=1)
+    if section == "loss_params":
+        assert "'clip_high'" in str(err.value) and "'old_logp'" not in str(err.value)  # tensors are not hyperparameters
+
+
+def test_tensor_inputs_are_not_hyperparameters(tiny_policy):
+    with pytest.raises(ConfigError, match=r"rl\.loss_params\.old_logp"):
+        Learner(tiny_policy, rl(loss_params={"old_logp": 0.0}), total_updates=1)
+
+
+@pytest.mark.parametrize("field,value,key", [("loss", "ppo_clipp", "rl.loss"), ("advantage", "gae", "rl.advantage"),
+                                             ("aggregation", "sum", "rl.aggregation"),
+                                             ("correction", "tis", "rl.correction")])
+def test_unknown_names_raise_config_errors_listing_valid_names(tiny_policy, field, value, key):
+    with pytest.raises(ConfigError, match=rf"{key}: unknown .*valid names"):
+        Learner(tiny_policy, rl(**{field: value}), total_updates=1)
+
+
+def test_loss_params_reach_the_loss(tiny_policy):
+    batch = rollout_batch(tiny_policy, shift=-1.0)  # behaviour ratio e^1 = 2.7 > 1 + clip_high on every token
+    learner = Learner(tiny_policy, rl(old_logp="behavior", loss_params={"clip_high": 5.0, "clip_low": 0.2}),
+                      total_updates=1)
+    assert learner.update(batch)["loss/clip_frac_high"].item() == 0.0
+    learner = Learner(tiny_policy, rl(old_logp="behavior", loss_params={"clip_high": 0.1}), total_updates=1)
+    assert learner.update(batch)["loss/clip_frac_high"].item() > 0.0
+
+
+def test_old_logp_behavior_uses_the_engines_logprobs(tiny_policy):
+    batch = rollout_batch(tiny_policy, shift=-0.5)  # the engine claims every token is e^0.5 times less likely
+    proximal = Learner(tiny_policy.copy(requires_grad=True), rl(), total_updates=1).update(batch)
+    behaviour = Learner(tiny_policy.copy(requires_grad=True), rl(old_logp="behavior"), total_updates=1).update(batch)
+    assert proximal["loss/ratio_mean"].item() == pytest.approx(1.0, abs=1e-4)
+    assert behaviour["loss/ratio_mean"].item() == pytest.approx(math.exp(0.5), rel=1e-3)
+    # the diagnostics always compare the current policy to the behaviour policy
+    assert proximal["offpolicy/log_ratio_p50"].item() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_old_logp_behavior_refuses_expert_rows(tiny_policy):
+    learner = Learner(tiny_policy, rl(old_logp="behavior"), total_updates=1)
+    with pytest.raises(ValueError, match="old_logp='behavior'"):
+        learner.update(rollout_batch(tiny_policy, expert_rows=2))
+
+
+def test_loss_needing_behaviour_logprobs_refuses_expert_rows(tiny_policy, monkeypatch):
+    def needs_behaviour(*, logp, advantages, mask, behavior_logp):
+        return -(advantages * logp) * mask, {}
+
+    monkeypatch.setitem(POLICY_LOSSES, "_needs_behaviour", needs_behaviour)
+    for attr, value in (("needs", ("behavior_logp",)), ("default_agg", "token-mean"),
+                        ("registry_name", "_needs_behaviour")):
+        setattr(needs_behaviour, attr, value)
+    learner = Learner(tiny_policy, rl(loss="_needs_behaviour"), total_updates=1)
+    with pytest.raises(ValueError, match="needs behaviour log-probs"):
+        learner.update(rollout_batch(tiny_policy, expert_rows=1))
+    learner.update(rollout_batch(tiny_policy))  # fine without expert rows
+
+
+def test_only_the_needed_forward_passes_run(tiny_policy, monkeypatch):
+    calls = []
+    original = type(tiny_policy).response_logprobs
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_policy), "response_logprobs", counting)
+    batch = rollout_batch(tiny_policy)
+    Learner(tiny_policy, rl(loss="reinforce"), total_updates=1).update(batch)
+    assert len(calls) == 1  # no proximal pass, no reference model
+    calls.clear()
+    Learner(tiny_policy, rl(loss="ppo_clip"), total_updates=1).update(batch)
+    assert len(calls) == 2  # + the proximal old_logp pass
+    calls.clear()
+    learner = Learner(tiny_policy, rl(loss="ppo_clip", old_logp="behavior"), total_updates=1)
+    learner.update(batch)
+    assert len(calls) == 1  # the engine's log-probs stand in for the proximal pass
+    calls.clear()
+    learner = Learner(tiny_policy, rl(loss="reinforce", kl_coef=0.1), total_updates=1)
+    learner.update(batch)
+    assert len(calls) == 2 and calls[0] is learner.ref_policy  # + the frozen reference
+
+
+def test_kl_to_reference(tiny_policy):
+    learner = Learner(tiny_policy, rl(kl_coef=0.1), total_updates=3)
+    assert learner.ref_policy is not None and not any(p.requires_grad for p in learner.ref_policy.parameters())
+    batch = rollout_batch(tiny_policy)
+    first = learner.update(batch)
+    assert first["loss/kl_ref"].item() == pytest.approx(0.0, abs=1e-6)  # the reference is the starting policy
+    second = learner.update(batch)
+    assert second["loss/kl_ref"].item() > 0.0 and all_finite(second)
+
+
+def test_grpo_gets_its_optional_reference(tiny_policy):
+    # grpo takes ref_logp optionally and adds β·KL itself (kl_coef=0.04 by default): the learner must provide it
+    learner = Learner(tiny_policy, rl(loss="grpo"), total_updates=2)
+    assert learner.ref_policy is not None
+    batch = rollout_batch(tiny_policy)
+    learner.update(batch)
+    metrics = learner.update(batch)
+    assert metrics["loss/kl_ref"].item() > 0.0
+
+
+def test_grpo_without_its_kl_needs_no_reference(tiny_policy):
+    learner = Learner(tiny_policy, rl(loss="grpo", loss_params={"kl_coef": 0.0}), total_updates=1)
+    assert learner.ref_policy is None
+    assert "loss/kl_ref" not in learner.update(rollout_batch(tiny_policy))
+
+
+def test_grpo_kl_and_the_learners_kl_are_not_both_counted(tiny_policy):
+    with pytest.raises(ConfigError, match="rl.kl_coef"):
+        Learner(tiny_policy, rl(loss="grpo", kl_coef=0.1), total_updates=1)
+    Learner(tiny_policy, rl(loss="grpo", kl_coef=0.1, loss_params={"kl_coef": 0.0}), total_updates=1)
+
+
+def test_correction_weights_are_applied_and_reported(tiny_policy):
+    learner = Learner(tiny_policy, rl(correction="tis_token"), total_updates=1)
+    metrics = learner.update(rollout_batch(tiny_policy, shift=-0.3))
+    assert any(k.startswith("correction/") for k in metrics) and all_finite(metrics)
+
+
+def test_state_dict_round_trip(tiny_policy):
+    learner = Learner(tiny_policy, rl(optim=OptimConfig(lr=1e-2, warmup_steps=3)), total_updates=5)
+    learner.update(rollout_batch(tiny_policy))
+    state = learner.state_dict()
+    other = Learner(tiny_policy.copy(requires_grad=True), rl(optim=OptimConfig(lr=1e-2, warmup_steps=3)),
+                    total_updates=5)
+    other.load_state_dict(state)
+    assert other.version == 1
+    assert other.sched.get_last_lr() == learner.sched.get_last_lr()
+    assert other.opt.state_dict()["state"].keys() == learner.opt.state_dict()["state"].keys()
+
+
+def test_sft_update_lowers_the_nll(tiny_policy):
+    tok = tiny_policy.tokenizer
+    exps = [Experience(tok.encode(f"{a}+{a}="), tok.encode(str(2 * a)) + [tok.eos_id], source="expert")
+            for a in range(10, 18)]
+    batch = collate(exps, tok.pad_id)
+    opt, sched = make_optimizer(tiny_policy.parameters(), OptimConfig(lr=1e-2), 10)
+    losses = [sft_update(tiny_policy, batch, opt, sched, 1.0)["sft/loss"].item() for _ in range(5)]
+    assert losses[-1] < losses[0] and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 1.0, 0.775, 0.55, 0.325]),  # peak at the end of warm-up, floor at total_steps
+    ("cosine", [0.5, 1.0, 1.0, 0.8682, 0.55, 0.2318]),
+])
+def test_schedules_are_step_based(tiny_policy, schedule, expected):
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule=schedule, min_lr_ratio=0.1)
+    opt, sched = make_optimizer(tiny_policy.parameters(), cfg, total_steps=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(expected, abs=1e-4)
