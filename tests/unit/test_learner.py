@@ -91,7 +91,7 @@ def test_tensor_inputs_are_not_hyperparameters(tiny_policy):
         Learner(tiny_policy, rl(loss_params={"old_logp": 0.0}), total_updates=1)
 
 
-@pytest.mark.parametrize("field,value,key", [("loss", "ppo_clipp", "rl.loss"), ("advantage", "gae", "rl.advantage"),
+@pytest.mark.parametrize("field,value,key", [("loss", "ppo_clipp", "rl.loss"), ("advantage", "gaee", "rl.advantage"),
                                              ("aggregation", "sum", "rl.aggregation"),
                                              ("correction", "tis", "rl.correction")])
 def test_unknown_names_raise_config_errors_listing_valid_names(tiny_policy, field, value, key):

@@ -169,7 +169,8 @@ def loss_batches(draw):
     return {"logp": mat(LOGP), "old_logp": mat(LOGP), "ref_logp": mat(LOGP), "behavior_logp": mat(LOGP),
             "advantages": mat(ADV) * mask, "mask": mask,
             "is_expert": torch.tensor(draw(st.lists(st.booleans(), min_size=B, max_size=B))),
-            "rewards": mat(ADV)[:, 0], "group_index": torch.zeros(B, dtype=torch.long)}
+            "rewards": mat(ADV)[:, 0],
+            "group_index": torch.tensor(draw(st.lists(st.integers(0, 1), min_size=B, max_size=B)))}
 
 
 def check_loss_finite(name, data, **hp):
@@ -211,7 +212,8 @@ VARIANTS = [("ppo_clip", {"dual_clip": 3.0}), ("dapo", {"dual_clip": 10.0}), ("c
             ("chord", {"phi": False, "mu": 0.7}), ("clip_cov", {"clip_cov_lb": -1e9, "clip_cov_ub": 1e9,
                                                                "clip_cov_ratio": 0.5, "seed": 1}),
             ("kl_cov", {"kl_cov_ratio": 0.5}), ("m2po", {"m2_threshold": 0.0}), ("grpo", {"kl_coef": 1.0}),
-            ("bapo", {"rho_target": 0.99})]
+            ("bapo", {"rho_target": 0.99}), ("dpo", {"pairing": "all"}), ("mdpo", {"kl_coef": 10.0}),
+            ("vcpo", {"tis_cap": 2.0, "clip_low": 0.2, "clip_high": 0.2}), ("copg", {"beta": 1.0})]
 
 
 @pytest.mark.parametrize("name,hp", VARIANTS, ids=[f"{n}-{'-'.join(map(str, h.values()))}" for n, h in VARIANTS])
@@ -230,7 +232,9 @@ def test_advantages_finite_masked_and_centred(name, rewards, seed):
     B = len(rewards)
     group = torch.randint(0, 3, (B,), generator=g)
     mask = (torch.rand(B, 4, generator=g) > 0.3).float()
-    a = ADVANTAGES[name](rewards=torch.tensor(rewards), group_index=group, mask=mask)
+    extra = {"values": torch.randn(B, 4, generator=g) * 100} if "values" in getattr(ADVANTAGES[name], "needs", ()) \
+        else {}
+    a = ADVANTAGES[name](rewards=torch.tensor(rewards), group_index=group, mask=mask, **extra)
     assert a.shape == (B, 4) and torch.isfinite(a).all()
     assert torch.equal(a * (1 - mask), torch.zeros_like(a))
     if name in ("grpo", "dr_grpo", "rloo"):
@@ -243,11 +247,39 @@ def test_advantages_finite_masked_and_centred(name, rewards, seed):
                 assert float(seq_adv[sel]) == 0.0  # singleton: no baseline, no signal
 
 
+@FAST
+@given(rewards=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=8),
+       log_w=st.lists(st.floats(-50, 50, allow_nan=False, width=32), min_size=8, max_size=8),
+       norms=st.lists(st.floats(0, 1e3, allow_nan=False, width=32), min_size=8, max_size=8),
+       seed=st.integers(0, 2**16))
+def test_optimal_baseline_finite_with_extreme_weights_and_zero_norms(rewards, log_w, norms, seed):
+    g = torch.Generator().manual_seed(seed)
+    B = len(rewards)
+    group = torch.randint(0, 3, (B,), generator=g)
+    mask = (torch.rand(B, 4, generator=g) > 0.3).float()
+    a = ADVANTAGES["optimal_baseline"](rewards=torch.tensor(rewards), group_index=group, mask=mask,
+                                       log_weights=torch.tensor(log_w[:B]), grad_norms=torch.tensor(norms[:B]))
+    assert torch.isfinite(a).all() and torch.equal(a * (1 - mask), torch.zeros_like(a))
+
+
+def correction_extras(name, data):
+    """The extra inputs a correction declares in ``needs``: turn ids (two tokens per turn), old logits."""
+    need = getattr(CORRECTIONS[name], "needs", ())
+    out = {}
+    if "turn_ids" in need:
+        T = data["mask"].shape[-1]
+        out["turn_ids"] = (torch.arange(T) // 2).expand_as(data["mask"])
+    if "behavior_train_logp" in need:
+        out["behavior_train_logp"] = data["ref_logp"]  # another ±50 matrix: both factors extreme
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(CORRECTIONS))
 @FAST
 @given(data=loss_batches())
 def test_corrections_finite_nonnegative_and_masked(name, data):
-    w, metrics = CORRECTIONS[name](old_logp=data["old_logp"], behavior_logp=data["behavior_logp"], mask=data["mask"])
+    w, metrics = CORRECTIONS[name](old_logp=data["old_logp"], behavior_logp=data["behavior_logp"], mask=data["mask"],
+                                   **correction_extras(name, data))
     assert torch.isfinite(w).all() and (w >= 0).all() and not w.requires_grad
     assert torch.equal(w * (1 - data["mask"]), torch.zeros_like(w))
     if name.startswith("tis"):

@@ -92,16 +92,26 @@ def test_corrections_fail_loudly():
         CORRECTIONS["mis_token"](old_logp=OLD, behavior_logp=BEH, mask=MASK, upper=2.0, lower=3.0)
 
 
+def extras(name, old, train):
+    """Inputs beyond old/behaviour/mask that a correction declares in ``needs``."""
+    need = getattr(CORRECTIONS[name], "needs", ())
+    out = {"turn_ids": torch.tensor([[0, 0, 1, 1]])[:, :old.shape[-1]].expand_as(old)} if "turn_ids" in need else {}
+    if "behavior_train_logp" in need:
+        out["behavior_train_logp"] = train
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(CORRECTIONS))
 def test_corrections_finite_for_huge_log_ratios(name):
     old = torch.tensor([[50.0, -50.0, 50.0], [-50.0, -50.0, -50.0]])
-    w, m = CORRECTIONS[name](old_logp=old, behavior_logp=-old, mask=torch.ones(2, 3))  # log w = ±100
+    w, m = CORRECTIONS[name](old_logp=old, behavior_logp=-old, mask=torch.ones(2, 3),
+                             **extras(name, old, torch.zeros(2, 3)))  # log w = ±100 (±50 + ±50 for decoupled)
     assert torch.isfinite(w).all() and all(torch.isfinite(v) for v in m.values())
 
 
 @pytest.mark.parametrize("name", sorted(CORRECTIONS))
 def test_corrections_on_identical_policies_are_one(name):
-    w, _ = CORRECTIONS[name](old_logp=OLD, behavior_logp=OLD.clone(), mask=MASK)
+    w, _ = CORRECTIONS[name](old_logp=OLD, behavior_logp=OLD.clone(), mask=MASK, **extras(name, OLD, OLD.clone()))
     assert torch.allclose(w, MASK)
 
 
