@@ -105,6 +105,46 @@ def algorithms() -> None:
         console.print(table)
 
 
+@app.command()
+def compare(
+    args: List[str] = typer.Argument(..., help="RECIPE.yaml ... then key.sub=value overrides applied to every run"),
+    seeds: int = typer.Option(3, "--seeds", help="seeds per recipe (run.seed = 0..N-1)"),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="key.sub=v1,v2,...: one recipe, one curve per value"),
+    target: Optional[str] = typer.Option(None, "--target", help="greedy accuracy to reach (0.5), or a gain over "
+                                         "the mean RL-start accuracy (+0.2)"),
+    out: Path = typer.Option(..., "--out", help="folder for runs (OUT/<label>/seed<k>), compare.json and plots"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Run recipes (or a sweep of one key) over seeds, resumably; write compare.json and plots."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from offpolicy.compare import compare as run_compare
+    from offpolicy.compare import split_args
+
+    try:
+        recipes, overrides = split_args(args)
+        result = run_compare(recipes, overrides, seeds=seeds, out=out, sweep=sweep, target=target,
+                             say=lambda msg: typer.echo(msg, err=True))
+    except USER_ERRORS as e:
+        _fail(e, debug)
+    def fmt(st: dict, f: str = "{:.3f}") -> str:  # "mean [min, max]" over seeds
+        return "—" if st["mean"] is None else f"{f.format(st['mean'])} [{f.format(st['min'])}, {f.format(st['max'])}]"
+
+    table = Table(title=f"compare: {seeds} seed(s), mean [min, max]", title_justify="left")
+    for col in ("label", "start greedy", "final greedy", "rollouts", "RL seconds", "to target: rollouts", "to target: s"):
+        table.add_column(col)
+    for label, e in result["labels"].items():
+        t = e.get("to_target")
+        reach = ["—", "—"] if t is None else [f"{fmt(t[k], f)} ({t['reached']}/{t['of']})"
+                                              for k, f in (("rollouts", "{:,.0f}"), ("rl_seconds", "{:.0f}"))]
+        table.add_row(label, fmt(e["start_greedy_acc"]), fmt(e["final_greedy_acc"]), fmt(e["rollouts"], "{:,.0f}"),
+                      fmt(e["rl_seconds"], "{:.0f}"), *reach)
+    Console().print(table)
+    c = result["counts"]
+    typer.echo(f"{c['ran']} run(s) ran, {c['resumed']} resumed, {c['skipped']} skipped; wrote {out / 'compare.json'}")
+
+
 def main() -> None:
     app()
 

@@ -85,3 +85,18 @@ def expert_experiences(problems: list[Problem], tokenizer, version: int = 0) -> 
             reward=1.0, policy_version=version, source="expert", group_id=f"expert:{p.id}", task_id=p.id,
         ))
     return out
+
+
+def add_expert_traces(groups: list[list[Experience]], problems: list[Problem], tokenizer, score_fn: ScoreFn,
+                      per_group: int) -> None:
+    """Append ``per_group`` expert traces (the task's solution) to each group, in place (LUFFY/CHORD mixing).
+
+    The traces are scored by the same verifier as the policy's responses, carry no behaviour
+    log-probs and have ``source="expert"``; they share the group's id, so group-relative
+    advantages compare them with the policy's own attempts at the same prompt.
+    """
+    for group, problem in zip(groups, problems):
+        expert = expert_experiences([problem], tokenizer, version=group[0].min_version)[0]
+        expert.reward = float(score_fn(problem, problem.solution or ""))
+        expert.group_id = group[0].group_id
+        group.extend(Experience(**{**expert.to_dict(), "info": {}}) for _ in range(per_group))

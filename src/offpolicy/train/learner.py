@@ -19,11 +19,14 @@ from offpolicy.config import ConfigError, OptimConfig, RLConfig
 from offpolicy.experience import Batch
 from offpolicy.objectives import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
 from offpolicy.objectives.diagnostics import ess, ratio_quantiles, staleness_stats
+from offpolicy.objectives.shaping import red_drop
 from offpolicy.policy.model import Policy
+from offpolicy.train.controllers import AdaptiveKL, ChordMuSchedule, EwmaProximal, MdpoAnneal, VcpoLrScale
 
 
-def check_params(fn: Callable, params: dict[str, Any], key: str, reserved: set[str]) -> None:
+def check_params(fn: Callable, params: dict[str, Any], key: str, reserved: frozenset[str] | None = None) -> None:
     """Reject hyperparameters the function does not take, naming the recipe key and the valid ones."""
+    reserved = TENSOR_INPUTS if reserved is None else reserved
     sig = inspect.signature(fn).parameters
     valid = sorted(n for n, p in sig.items() if p.default is not inspect.Parameter.empty and n not in reserved)
     for name in params:
@@ -43,7 +46,9 @@ def lookup(registry, name: str, key: str):
         raise ConfigError(f"{key}: {e.args[0]}") from None
 
 
-TENSOR_INPUTS = {"logp", "old_logp", "behavior_logp", "ref_logp", "advantages", "mask", "is_expert", "rewards", "group_index"}
+TENSOR_INPUTS = frozenset({  # tensors the learner supplies; never recipe hyperparameters
+    "logp", "old_logp", "behavior_logp", "ref_logp", "advantages", "mask", "is_expert", "rewards", "group_index",
+    "values", "token_rewards", "log_weights", "grad_norms", "turn_ids", "behavior_train_logp"})
 
 
 def make_optimizer(params, cfg: OptimConfig, total_steps: int):
@@ -72,21 +77,35 @@ def optimizer_step(policy: Policy, loss: torch.Tensor, opt, sched, grad_clip: fl
     return norm.detach()
 
 
+CONTROLLERS = {  # recipe name -> (class, what it drives)
+    "chord_mu": ChordMuSchedule,  # loss_params["mu"] of `chord`, stepped every update
+    "mdpo_anneal": MdpoAnneal,  # loss_params["kl_coef"] of `mdpo`, stepped every rollout step
+    "adaptive_kl": AdaptiveKL,  # the coefficient of the learner's KL-to-reference term
+    "vcpo_lr": VcpoLrScale,  # lr x sqrt(min(1, ESS ratio)) around each optimizer step
+    "ewma_proximal": EwmaProximal,  # an EWMA copy of the weights computes old_logp (PPO-EWMA)
+}
+
+
 class Learner:
     """Policy-gradient updates on batches of experiences, as configured by ``rl`` in the recipe."""
 
     def __init__(self, policy: Policy, cfg: RLConfig, *, total_updates: int, temperature: float = 1.0,
-                 max_len: int | None = None, ref_policy: Policy | None = None) -> None:
+                 max_len: int | None = None, ref_policy: Policy | None = None, seed: int = 0) -> None:
         self.policy, self.cfg, self.temperature, self.max_len = policy, cfg, temperature, max_len
         self.loss_fn = lookup(POLICY_LOSSES, cfg.loss, "rl.loss")
         self.adv_fn = lookup(ADVANTAGES, cfg.advantage, "rl.advantage")
         self.agg_fn = lookup(AGGREGATIONS, cfg.aggregation or self.loss_fn.default_agg, "rl.aggregation")
         self.corr_fn = lookup(CORRECTIONS, cfg.correction, "rl.correction") if cfg.correction else None
-        self.kl_fn = lookup(KL_ESTIMATORS, cfg.kl_estimator, "rl.kl_estimator") if cfg.kl_coef else None
-        check_params(self.loss_fn, cfg.loss_params, "rl.loss_params", TENSOR_INPUTS)
-        check_params(self.adv_fn, cfg.advantage_params, "rl.advantage_params", TENSOR_INPUTS)
+        self.controllers = build_controllers(cfg, policy, total_updates)
+        kl_on = bool(cfg.kl_coef) or "adaptive_kl" in self.controllers
+        self.kl_fn = lookup(KL_ESTIMATORS, cfg.kl_estimator, "rl.kl_estimator") if kl_on else None
+        check_params(self.loss_fn, {**cfg.loss_params, **self._controller_loss_params()}, "rl.loss_params")
+        check_params(self.adv_fn, cfg.advantage_params, "rl.advantage_params")
         if self.corr_fn:
-            check_params(self.corr_fn, cfg.correction_params, "rl.correction_params", TENSOR_INPUTS)
+            check_params(self.corr_fn, cfg.correction_params, "rl.correction_params")
+        if "values" in getattr(self.adv_fn, "needs", ()):
+            raise ConfigError(f"rl.advantage: {cfg.advantage!r} needs a value model (critic); offpolicy does not "
+                              "train one yet — use a critic-free estimator such as grpo, rloo or reinforce_pp")
         self.needs = set(self.loss_fn.needs)
         self.optional = set(getattr(self.loss_fn, "optional", ()))  # given to the loss when computed
         if "ref_logp" in self.optional and _param(self.loss_fn, cfg.loss_params, "kl_coef"):
@@ -99,38 +118,100 @@ class Learner:
         self.ref_policy = ref_policy
         self.opt, self.sched = make_optimizer(policy.parameters(), cfg.optim, total_updates)
         self.version = 0  # policy version = optimizer steps taken in this stage
+        self.drop_gen = torch.Generator().manual_seed(seed)  # RED-Drop's randomness (checkpointed)
+
+    @property
+    def needs_behavior_train_logp(self) -> bool:
+        """The decoupled correction needs the trainer's log-probs at the behaviour version (snapshot)."""
+        return self.corr_fn is not None and "behavior_train_logp" in getattr(self.corr_fn, "needs", ())
 
     # ---- the update ----------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Advantages, loss and one optimizer step on ``batch``; returns detached metric tensors."""
         cfg = self.cfg
-        advantages = self.adv_fn(rewards=batch.rewards, group_index=batch.group_index, mask=batch.mask,
-                                 **cfg.advantage_params)  # (B, T)
         old_logp, ref_logp = self._anchor_logprobs(batch)
+        advantages = self._advantages(batch, old_logp)  # (B, T)
         logp, entropy = self.policy.response_logprobs(
             batch.input_ids, batch.attention_mask, batch.prompt_len, self.temperature, with_entropy=True)
-        inputs = {"old_logp": old_logp, "behavior_logp": batch.behavior_logp, "ref_logp": ref_logp,
-                  "is_expert": batch.is_expert, "rewards": batch.rewards, "group_index": batch.group_index}
-        inputs = {k: v for k, v in inputs.items() if k in self.needs or (k in self.optional and v is not None)}
+        available = {"old_logp": old_logp, "behavior_logp": batch.behavior_logp, "ref_logp": ref_logp,
+                     "is_expert": batch.is_expert, "rewards": batch.rewards, "group_index": batch.group_index}
+        inputs = {k: v for k, v in available.items() if k in self.needs or (k in self.optional and v is not None)}
         loss_tok, metrics = self.loss_fn(logp=logp, advantages=advantages, mask=batch.mask, **inputs,
-                                         **cfg.loss_params)  # (B, T)
+                                         **cfg.loss_params, **self._controller_loss_params())  # (B, T)
         metrics = {f"loss/{k}": v for k, v in metrics.items()}
         if self.corr_fn is not None:
+            turn_ids = batch.turn_ids if batch.turn_ids is not None else torch.zeros_like(batch.response_ids)
+            extra = {"turn_ids": turn_ids, "behavior_train_logp": batch.behavior_train_logp}  # single-turn = turn 0
+            extra = {k: v for k, v in extra.items() if k in getattr(self.corr_fn, "needs", ())}
             weights, cm = self.corr_fn(old_logp=old_logp, behavior_logp=batch.behavior_logp, mask=batch.mask,
-                                       **cfg.correction_params)
+                                       **extra, **cfg.correction_params)
             loss_tok = loss_tok * weights
             metrics.update({f"correction/{k}": v for k, v in cm.items()})
         if self.kl_fn is not None:
             kl = self.kl_fn(logp, ref_logp) * batch.mask  # (B, T)
-            loss_tok = loss_tok + cfg.kl_coef * kl
+            loss_tok = loss_tok + self._kl_coef() * kl
             metrics["loss/kl_ref"] = (kl.sum() / batch.mask.sum().clamp(min=1)).detach()
         loss = self.agg_fn(loss_tok, batch.mask, max_len=self.max_len)
         metrics.update(self._diagnostics(batch, logp, entropy, advantages))
-        grad_norm = optimizer_step(self.policy, loss, self.opt, self.sched, cfg.optim.grad_clip)
+        grad_norm = self._step(loss, metrics)
         self.version += 1
+        self._after_update(metrics)
         metrics.update({"loss/policy": loss.detach(), "loss/grad_norm": grad_norm,
                         "optim/lr": torch.tensor(self.sched.get_last_lr()[0])})
         return metrics
+
+    def end_rollout_step(self) -> None:
+        """Once per rollout step (an MDPO iteration)."""
+        if "mdpo_anneal" in self.controllers:
+            self.controllers["mdpo_anneal"].step()
+
+    def _advantages(self, batch: Batch, old_logp: torch.Tensor | None) -> torch.Tensor:
+        cfg, keep = self.cfg, None
+        extra: dict[str, Any] = {}
+        wanted = set(getattr(self.adv_fn, "needs", ())) | set(getattr(self.adv_fn, "optional", ()))
+        if "log_weights" in wanted and old_logp is not None and batch.behavior_logp is not None:
+            extra["log_weights"] = ((old_logp - batch.behavior_logp) * batch.mask).sum(-1)  # (B,) sequence IS
+        if "token_rewards" in wanted and batch.token_rewards is not None:
+            extra["token_rewards"] = batch.token_rewards
+        rewards, group_index, mask = batch.rewards, batch.group_index, batch.mask
+        if cfg.red_drop:
+            keep = red_drop(rewards, group_index, self.drop_gen)  # (B,) balance negatives per group
+            rewards, group_index, mask = rewards[keep], group_index[keep], mask[keep]
+            extra = {k: v[keep] for k, v in extra.items()}
+        adv = self.adv_fn(rewards=rewards, group_index=group_index, mask=mask, **extra, **cfg.advantage_params)
+        if keep is None:
+            return adv
+        full = torch.zeros_like(batch.mask)
+        full[keep] = adv
+        return full
+
+    def _controller_loss_params(self) -> dict[str, Any]:
+        return {k: v for name in ("chord_mu", "mdpo_anneal") if name in self.controllers
+                for k, v in self.controllers[name].loss_params().items()}
+
+    def _kl_coef(self) -> float:
+        ctl = self.controllers.get("adaptive_kl")
+        return ctl.value if ctl is not None else self.cfg.kl_coef
+
+    def _step(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        vcpo = self.controllers.get("vcpo_lr")
+        if vcpo is None:
+            return optimizer_step(self.policy, loss, self.opt, self.sched, self.cfg.optim.grad_clip)
+        ratio = metrics.get("offpolicy/ess", torch.tensor(1.0))  # normalised sequence ESS of pi_old / mu
+        with vcpo.scaled(self.opt, ratio) as scale:
+            norm = optimizer_step(self.policy, loss, self.opt, self.sched, self.cfg.optim.grad_clip)
+        metrics["optim/lr_scale"] = torch.tensor(scale)
+        return norm
+
+    def _after_update(self, metrics: dict[str, torch.Tensor]) -> None:
+        if "chord_mu" in self.controllers:
+            self.controllers["chord_mu"].step()
+            metrics["loss/chord_mu"] = torch.tensor(self.controllers["chord_mu"].mu)
+        if "adaptive_kl" in self.controllers:
+            self.controllers["adaptive_kl"].step(metrics["loss/kl_ref"])
+            metrics["loss/kl_coef"] = torch.tensor(self.controllers["adaptive_kl"].value)
+        if "ewma_proximal" in self.controllers:
+            self.controllers["ewma_proximal"].update(self.policy.model)
 
     @torch.no_grad()
     def _anchor_logprobs(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -142,13 +223,18 @@ class Learner:
                                      "expert/offline traces without them")
                 old = batch.behavior_logp
             else:
-                old, _ = self.policy.response_logprobs(batch.input_ids, batch.attention_mask, batch.prompt_len,
-                                                       self.temperature)
+                ewma = self.controllers.get("ewma_proximal")
+                prox = Policy(ewma.module, self.policy.tokenizer, self.policy.kind) if ewma else self.policy
+                old, _ = prox.response_logprobs(batch.input_ids, batch.attention_mask, batch.prompt_len,
+                                                self.temperature)
         if self.ref_policy is not None:
             ref, _ = self.ref_policy.response_logprobs(batch.input_ids, batch.attention_mask, batch.prompt_len,
                                                        self.temperature)
         if "behavior_logp" in self.needs and batch.behavior_logp is None:
             raise ValueError(f"loss {self.cfg.loss!r} needs behaviour log-probs, which expert/offline traces lack")
+        if self.needs_behavior_train_logp and batch.behavior_train_logp is None:
+            raise ValueError("the decoupled correction needs the trainer's log-probs at the behaviour version; "
+                             "expert/offline traces have none")
         return old, ref
 
     @torch.no_grad()
@@ -169,12 +255,41 @@ class Learner:
 
     # ---- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "version": self.version}
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "version": self.version,
+                "drop_gen": self.drop_gen.get_state(),
+                "controllers": {name: c.state_dict() for name, c in self.controllers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.version = state["version"]
+        if "drop_gen" in state:
+            self.drop_gen.set_state(state["drop_gen"])
+        for name, c in self.controllers.items():
+            c.load_state_dict(state.get("controllers", {})[name])
+
+
+def build_controllers(cfg: RLConfig, policy: Policy, total_updates: int) -> dict[str, Any]:
+    """The stateful controllers named in ``rl.controllers`` (name -> constructor keyword arguments)."""
+    out: dict[str, Any] = {}
+    for name, params in cfg.controllers.items():
+        cls = CONTROLLERS.get(name)
+        if cls is None:
+            raise ConfigError(f"rl.controllers.{name}: unknown controller; valid: {sorted(CONTROLLERS)}")
+        params = dict(params or {})
+        if name == "mdpo_anneal":
+            params.setdefault("total_iterations", cfg.steps)
+        try:
+            out[name] = cls(policy.model, **params) if name == "ewma_proximal" else cls(**params)
+        except TypeError as e:
+            raise ConfigError(f"rl.controllers.{name}: {e}") from None
+    clash = {"chord_mu": "mu", "mdpo_anneal": "kl_coef"}
+    for name, key in clash.items():
+        if name in out and key in cfg.loss_params:
+            raise ConfigError(f"rl.loss_params.{key}: set by the {name} controller; remove it from loss_params")
+    if "adaptive_kl" in out and cfg.kl_coef:
+        raise ConfigError("rl.kl_coef: the adaptive_kl controller sets the KL coefficient; leave rl.kl_coef at 0")
+    return out
 
 
 def sft_update(policy: Policy, batch: Batch, opt, sched, grad_clip: float) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ from offpolicy.policy.tiny import TinyConfig
 from offpolicy.report.console import Console
 from offpolicy.report.metrics import MetricsLog, to_floats
 from offpolicy.rollout.engines import Engine, SamplingParams, make_engine
-from offpolicy.rollout.workflows import ScoreFn, expert_experiences, rollout_groups
+from offpolicy.rollout.workflows import ScoreFn, add_expert_traces, expert_experiences, rollout_groups
 from offpolicy.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from offpolicy.train.evaluate import evaluate
 from offpolicy.train.learner import Learner, make_optimizer, sft_update
@@ -183,7 +183,7 @@ def run_rl(run: Run) -> None:
     if rl.steps == 0:
         return
     learner = Learner(run.policy, rl, total_updates=rl.steps * rl.updates_per_step,
-                      temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens)
+                      temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens, seed=cfg.run.seed)
     buffer = ReplayBuffer(rl.buffer.capacity, rl.buffer.sampling, rl.buffer.max_staleness, rl.buffer.max_uses,
                           seed=cfg.run.seed)
     if run.state["stage_state"]:
@@ -199,6 +199,10 @@ def run_rl(run: Run) -> None:
         groups, rs = rollout_groups(run.engine, problems, run.score_fn, group_size=rl.group_size, sampling=sampling,
                                     version=learner.version, seed=step_seed(cfg, "rl", step),
                                     reward_timeout_s=cfg.task.reward_timeout_s, group_prefix=f"s{step}:")
+        if rl.expert_per_group:
+            add_expert_traces(groups, problems, tok, run.score_fn, rl.expert_per_group)
+        if learner.needs_behavior_train_logp:
+            attach_train_logprobs(run.policy, groups, cfg.sampling.temperature)
         run.state["rollouts"] += rs.n
         run.state["rl_tokens"] += rs.tokens
         run.state["rl_gen_seconds"] += rs.seconds
@@ -216,6 +220,7 @@ def run_rl(run: Run) -> None:
                 break
             batch = collate([e for g in chosen for e in g.experiences], tok.pad_id)
             update_metrics.append(learner.update(batch))
+        learner.end_rollout_step()
         t2 = time.perf_counter()
         # 4. log
         metrics = mean_metrics(update_metrics)
@@ -243,6 +248,20 @@ def run_rl(run: Run) -> None:
             checkpoint(run, {"learner": learner.state_dict(), "buffer": buffer.state_dict()})
     run.console.end_stage()
     run.state.update(stage="done", stage_state=None)
+
+
+@torch.no_grad()
+def attach_train_logprobs(policy: Policy, groups: list[list], temperature: float) -> None:
+    """Record the trainer's log-probs of each new response at the behaviour version (snapshot version
+    tracking, arXiv:2605.12070): the decoupled correction then separates train-inference mismatch
+    (these vs the engine's) from staleness (current policy vs these)."""
+    experiences = [e for g in groups for e in g if e.behavior_logprobs is not None]
+    if not experiences:
+        return
+    batch = collate(experiences, policy.tokenizer.pad_id)
+    logp, _ = policy.response_logprobs(batch.input_ids, batch.attention_mask, batch.prompt_len, temperature)
+    for e, row in zip(experiences, logp):
+        e.behavior_train_logprobs = row[: len(e.response_ids)].tolist()
 
 
 def mean_metrics(per_update: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
