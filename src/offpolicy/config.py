@@ -91,7 +91,8 @@ class SFTConfig(_Strict):
 
 class BufferConfig(_Strict):
     capacity: int = 4096  # groups kept at most (oldest evicted first, counted)
-    sampling: Literal["fifo", "uniform"] = "uniform"  # which stored groups an update trains on
+    sampling: str = "uniform"  # which stored groups an update trains on: fifo, uniform, variance, return_weighted, recent_mix
+    sampling_params: dict[str, Any] = Field(default_factory=dict)  # hyperparameters of the sampling strategy
     max_staleness: int = 4  # groups older than this many policy versions are evicted (counted)
     max_uses: int | None = None  # a group retires after this many updates used it (None = no limit)
 

@@ -102,3 +102,24 @@ def test_bad_wiring_is_a_config_error(tmp_path, tiny_config, overrides, message)
     cfg = tiny_config(tmp_path / "bad", "rl.steps=1", *overrides)
     with pytest.raises(ConfigError, match=message):
         train(cfg)
+
+
+@pytest.mark.parametrize("sampling, params", [
+    ("variance", "{lam: 0.5}"), ("return_weighted", "{alpha: 0.1}"), ("recent_mix", "{p_off: 0.4, window: 2}"),
+])
+def test_buffer_sampling_strategies_train(tmp_path, tiny_config, reward_spec, sampling, params):
+    run(tmp_path, tiny_config, reward_spec, sampling, f"rl.buffer.sampling={sampling}",
+        f"rl.buffer.sampling_params={params}", "rl.updates_per_step=2")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rl.buffer.sampling=lifo", "rl.buffer.sampling: unknown"),
+    ("rl.loss=ppo", "rl.loss: unknown"),
+    ("rl.loss_params={clip: 0.1}", "rl.loss_params.clip"),
+    ("rl.buffer.sampling_params={lam: 0.5}", "rl.buffer.sampling_params.lam"),
+])
+def test_rl_mistakes_fail_before_sft_runs(tmp_path, tiny_config, override, message):
+    out = tmp_path / "bad"
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_config(out, "sft.steps=50", "rl.steps=1", override))
+    assert not (out / "config.yaml").exists()  # nothing was written, no SFT time was spent

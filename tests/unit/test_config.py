@@ -87,7 +87,6 @@ def test_unknown_override_key_names_it():
 @pytest.mark.parametrize("override,key", [
     ("rl.steps=abc", "rl.steps"),
     ("rl.optim.lr=fast", "rl.optim.lr"),
-    ("rl.buffer.sampling=priority", "rl.buffer.sampling"),
     ("run.progress=maybe", "run.progress"),
     ("policy.dtype=int8", "policy.dtype"),
     ("rl.old_logp=engine", "rl.old_logp"),

@@ -10,10 +10,12 @@ it; ``staleness = current_version - version``. Groups older than
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections import deque
 from dataclasses import dataclass, field
 
+from offpolicy.data.sampling import SAMPLERS
 from offpolicy.experience import Experience
 
 
@@ -40,16 +42,24 @@ class BufferStats:
 @dataclass
 class ReplayBuffer:
     capacity: int = 4096
-    sampling: str = "uniform"  # "fifo" | "uniform"
+    sampling: str = "uniform"  # a name in offpolicy.data.sampling.SAMPLERS
     max_staleness: int | None = 4
     max_uses: int | None = None
     seed: int = 0
+    sampling_params: dict = field(default_factory=dict)
     groups: deque = field(default_factory=deque)
     stats: BufferStats = field(default_factory=BufferStats)
 
     def __post_init__(self) -> None:
-        if self.sampling not in ("fifo", "uniform"):
-            raise ValueError(f"buffer.sampling must be 'fifo' or 'uniform', got {self.sampling!r}")
+        try:
+            self._sample_fn = SAMPLERS[self.sampling]
+        except KeyError as e:
+            raise ValueError(f"buffer.sampling: {e.args[0]}") from None
+        params = inspect.signature(self._sample_fn).parameters
+        valid = sorted(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "current_version")
+        for key in self.sampling_params:
+            if key not in valid:
+                raise ValueError(f"buffer.sampling_params.{key}: not a parameter of {self.sampling!r}; valid: {valid}")
         self.rng = random.Random(self.seed)
 
     def __len__(self) -> int:
@@ -76,10 +86,7 @@ class ReplayBuffer:
         """Up to ``n`` groups within the staleness bound (fewer if the buffer holds fewer)."""
         self.evict_stale(current_version)
         pool = list(self.groups)
-        if self.sampling == "fifo":
-            chosen = sorted(pool, key=lambda g: (g.uses, g.version))[:n]
-        else:
-            chosen = self.rng.sample(pool, min(n, len(pool)))
+        chosen = self._sample_fn(pool, n, self.rng, current_version=current_version, **self.sampling_params) if pool else []
         for g in chosen:
             g.uses += 1
         self.stats.sampled += len(chosen)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from offpolicy.config import ConfigError, OptimConfig, RLConfig
+from offpolicy.data.buffer import ReplayBuffer
 from offpolicy.experience import Batch
 from offpolicy.objectives import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
 from offpolicy.objectives.diagnostics import ess, ratio_quantiles, staleness_stats
@@ -86,11 +87,15 @@ CONTROLLERS = {  # recipe name -> (class, what it drives)
 }
 
 
+LOSS_PARAM_CONTROLLERS = {"chord_mu": "mu", "mdpo_anneal": "kl_coef"}  # controller -> loss hyperparameter
+
+
 class Learner:
     """Policy-gradient updates on batches of experiences, as configured by ``rl`` in the recipe."""
 
     def __init__(self, policy: Policy, cfg: RLConfig, *, total_updates: int, temperature: float = 1.0,
                  max_len: int | None = None, ref_policy: Policy | None = None, seed: int = 0) -> None:
+        validate_rl_config(cfg)
         self.policy, self.cfg, self.temperature, self.max_len = policy, cfg, temperature, max_len
         self.loss_fn = lookup(POLICY_LOSSES, cfg.loss, "rl.loss")
         self.adv_fn = lookup(ADVANTAGES, cfg.advantage, "rl.advantage")
@@ -99,10 +104,6 @@ class Learner:
         self.controllers = build_controllers(cfg, policy, total_updates)
         kl_on = bool(cfg.kl_coef) or "adaptive_kl" in self.controllers
         self.kl_fn = lookup(KL_ESTIMATORS, cfg.kl_estimator, "rl.kl_estimator") if kl_on else None
-        check_params(self.loss_fn, {**cfg.loss_params, **self._controller_loss_params()}, "rl.loss_params")
-        check_params(self.adv_fn, cfg.advantage_params, "rl.advantage_params")
-        if self.corr_fn:
-            check_params(self.corr_fn, cfg.correction_params, "rl.correction_params")
         if "values" in getattr(self.adv_fn, "needs", ()):
             raise ConfigError(f"rl.advantage: {cfg.advantage!r} needs a value model (critic); offpolicy does not "
                               "train one yet — use a critic-free estimator such as grpo, rloo or reinforce_pp")
@@ -186,7 +187,7 @@ class Learner:
         return full
 
     def _controller_loss_params(self) -> dict[str, Any]:
-        return {k: v for name in ("chord_mu", "mdpo_anneal") if name in self.controllers
+        return {k: v for name in LOSS_PARAM_CONTROLLERS if name in self.controllers
                 for k, v in self.controllers[name].loss_params().items()}
 
     def _kl_coef(self) -> float:
@@ -269,6 +270,42 @@ class Learner:
             c.load_state_dict(state.get("controllers", {})[name])
 
 
+def validate_rl_config(cfg: RLConfig) -> None:
+    """Check every registry name and hyperparameter of ``rl`` before any training starts (fail fast).
+
+    Builds nothing heavy: no model copies, no optimizer. Raises :class:`ConfigError` naming the key.
+    """
+    loss_fn = lookup(POLICY_LOSSES, cfg.loss, "rl.loss")
+    lookup(AGGREGATIONS, cfg.aggregation or loss_fn.default_agg, "rl.aggregation")
+    adv_fn = lookup(ADVANTAGES, cfg.advantage, "rl.advantage")
+    check_params(adv_fn, cfg.advantage_params, "rl.advantage_params")
+    if cfg.correction:
+        check_params(lookup(CORRECTIONS, cfg.correction, "rl.correction"), cfg.correction_params,
+                     "rl.correction_params")
+    if cfg.kl_coef or "adaptive_kl" in cfg.controllers:
+        lookup(KL_ESTIMATORS, cfg.kl_estimator, "rl.kl_estimator")
+    unknown = sorted(set(cfg.controllers) - set(CONTROLLERS))
+    if unknown:
+        raise ConfigError(f"rl.controllers.{unknown[0]}: unknown controller; valid: {sorted(CONTROLLERS)}")
+    check_params(loss_fn, cfg.loss_params, "rl.loss_params")
+    for name, params in cfg.controllers.items():
+        sig = inspect.signature(CONTROLLERS[name].__init__).parameters
+        valid = sorted(k for k, p in sig.items() if p.kind is p.KEYWORD_ONLY)
+        for key in params or {}:
+            if key not in valid:
+                raise ConfigError(f"rl.controllers.{name}.{key}: not a parameter of {name}; valid: {valid}")
+        drives = LOSS_PARAM_CONTROLLERS.get(name)
+        if drives and drives not in inspect.signature(loss_fn).parameters:
+            raise ConfigError(f"rl.controllers.{name}: it drives the loss hyperparameter {drives!r}, which "
+                              f"loss {cfg.loss!r} does not take")
+        if drives and drives in cfg.loss_params:
+            raise ConfigError(f"rl.loss_params.{drives}: set by the {name} controller; remove it from loss_params")
+    try:
+        ReplayBuffer(sampling=cfg.buffer.sampling, sampling_params=cfg.buffer.sampling_params)
+    except ValueError as e:
+        raise ConfigError(f"rl.{e}") from None
+
+
 def build_controllers(cfg: RLConfig, policy: Policy, total_updates: int) -> dict[str, Any]:
     """The stateful controllers named in ``rl.controllers`` (name -> constructor keyword arguments)."""
     out: dict[str, Any] = {}
@@ -283,10 +320,6 @@ def build_controllers(cfg: RLConfig, policy: Policy, total_updates: int) -> dict
             out[name] = cls(policy.model, **params) if name == "ewma_proximal" else cls(**params)
         except TypeError as e:
             raise ConfigError(f"rl.controllers.{name}: {e}") from None
-    clash = {"chord_mu": "mu", "mdpo_anneal": "kl_coef"}
-    for name, key in clash.items():
-        if name in out and key in cfg.loss_params:
-            raise ConfigError(f"rl.loss_params.{key}: set by the {name} controller; remove it from loss_params")
     if "adaptive_kl" in out and cfg.kl_coef:
         raise ConfigError("rl.kl_coef: the adaptive_kl controller sets the KL coefficient; leave rl.kl_coef at 0")
     return out

@@ -36,7 +36,7 @@ from offpolicy.rollout.engines import Engine, SamplingParams, make_engine
 from offpolicy.rollout.workflows import ScoreFn, add_expert_traces, expert_experiences, rollout_groups
 from offpolicy.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from offpolicy.train.evaluate import evaluate
-from offpolicy.train.learner import Learner, make_optimizer, sft_update
+from offpolicy.train.learner import Learner, make_optimizer, sft_update, validate_rl_config
 
 
 @dataclass
@@ -87,11 +87,13 @@ def setup(cfg: Config, resume: bool) -> Run:
         # a finished run keeps no optimizer or buffer state: it cannot be extended exactly, and must not look so
         raise ConfigError(f"{ckpt} ends a finished run of {loaded[1]['step']} RL steps; --resume cannot extend it to "
                           f"rl.steps={cfg.rl.steps}. Start a new run from it with policy.init={ckpt}")
+    if cfg.rl.steps:
+        validate_rl_config(cfg.rl)  # before anything is written or trained
+    task = make_task(cfg.task.name, **cfg.task.params)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
-    task = make_task(cfg.task.name, **cfg.task.params)
     score_fn = make_score_fn(task, cfg.task.reward)
     policy, state = loaded if loaded else (init_policy(cfg), new_state())
     if ckpt:
@@ -184,8 +186,11 @@ def run_rl(run: Run) -> None:
         return
     learner = Learner(run.policy, rl, total_updates=rl.steps * rl.updates_per_step,
                       temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens, seed=cfg.run.seed)
-    buffer = ReplayBuffer(rl.buffer.capacity, rl.buffer.sampling, rl.buffer.max_staleness, rl.buffer.max_uses,
-                          seed=cfg.run.seed)
+    try:
+        buffer = ReplayBuffer(rl.buffer.capacity, rl.buffer.sampling, rl.buffer.max_staleness, rl.buffer.max_uses,
+                              seed=cfg.run.seed, sampling_params=rl.buffer.sampling_params)
+    except ValueError as e:
+        raise ConfigError(f"rl.{e}") from None
     if run.state["stage_state"]:
         learner.load_state_dict(run.state["stage_state"]["learner"])
         buffer.load_state_dict(run.state["stage_state"]["buffer"])
