@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 import pytest
 
 from offpolicy.config import ConfigError
@@ -123,3 +125,24 @@ def test_rl_mistakes_fail_before_sft_runs(tmp_path, tiny_config, override, messa
     with pytest.raises(ConfigError, match=message):
         train(tiny_config(out, "sft.steps=50", "rl.steps=1", override))
     assert not (out / "config.yaml").exists()  # nothing was written, no SFT time was spent
+
+
+def test_remix_kl_convex_reincarnation_and_data_mix(tmp_path, tiny_config, reward_spec):
+    out, rows = run(tmp_path, tiny_config, reward_spec, "remix", "rl.loss=remix_ppg", "rl.kl_coef=0.05",
+                    "rl.buffer.sampling=recent_mix", "rl.buffer.max_staleness=8", "rl.updates_per_step=2",
+                    "rl.controllers={remix: {reincarnate_at: 2, window: 2}}", "run.checkpoint_every=1", steps=3)
+    assert all("loss/kl_ref" in r for r in rows)
+    _, state = load_checkpoint(sorted((out / "checkpoints").glob("step_rl_*"))[-1])
+    learner_state = state["stage_state"]["learner"]
+    assert learner_state["controllers"]["remix"]["reincarnated"] is True
+    assert learner_state["ref_model"] is not None and learner_state["prev_model"] is not None
+
+
+def test_resume_keeps_the_kl_reference(tmp_path, tiny_config, reward_spec):
+    # the reference is the policy at RL start; a resumed run must not re-anchor it to the resumed weights
+    out, _ = run(tmp_path, tiny_config, reward_spec, "ref", "rl.kl_coef=0.1", "run.checkpoint_every=1", steps=2)
+    _, state = load_checkpoint(sorted((out / "checkpoints").glob("step_rl_*"))[-1])
+    ref = state["stage_state"]["learner"]["ref_model"]
+    _, sft_state = load_checkpoint(out / "checkpoints" / "sft")
+    start = load_policy(out / "checkpoints" / "sft").model.state_dict()
+    assert all(torch.equal(ref[k], start[k]) for k in start)

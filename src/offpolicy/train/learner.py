@@ -22,7 +22,8 @@ from offpolicy.objectives import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIM
 from offpolicy.objectives.diagnostics import ess, ratio_quantiles, staleness_stats
 from offpolicy.objectives.shaping import red_drop
 from offpolicy.policy.model import Policy
-from offpolicy.train.controllers import AdaptiveKL, ChordMuSchedule, EwmaProximal, MdpoAnneal, VcpoLrScale
+from offpolicy.train.controllers import (AdaptiveKL, ChordMuSchedule, EwmaProximal, MdpoAnneal, ReMixSchedule,
+                                         VcpoLrScale)
 
 
 def check_params(fn: Callable, params: dict[str, Any], key: str, reserved: frozenset[str] | None = None) -> None:
@@ -84,6 +85,7 @@ CONTROLLERS = {  # recipe name -> (class, what it drives)
     "adaptive_kl": AdaptiveKL,  # the coefficient of the learner's KL-to-reference term
     "vcpo_lr": VcpoLrScale,  # lr x sqrt(min(1, ESS ratio)) around each optimizer step
     "ewma_proximal": EwmaProximal,  # an EWMA copy of the weights computes old_logp (PPO-EWMA)
+    "remix": ReMixSchedule,  # ReMix: KL-convex mix of KL to pi_base and to pi_{k-1}, reincarnation, data mix
 }
 
 
@@ -117,6 +119,8 @@ class Learner:
         if (self.kl_fn or "ref_logp" in self.needs) and ref_policy is None:
             ref_policy = policy.copy()  # frozen reference = the policy as RL starts
         self.ref_policy = ref_policy
+        # ReMix's KL-convex term also needs the policy of the previous rollout step, pi_{k-1}
+        self.prev_policy = policy.copy() if self.kl_fn is not None and "remix" in self.controllers else None
         self.opt, self.sched = make_optimizer(policy.parameters(), cfg.optim, total_updates)
         self.version = 0  # policy version = optimizer steps taken in this stage
         self.drop_gen = torch.Generator().manual_seed(seed)  # RED-Drop's randomness (checkpointed)
@@ -149,7 +153,7 @@ class Learner:
             loss_tok = loss_tok * weights
             metrics.update({f"correction/{k}": v for k, v in cm.items()})
         if self.kl_fn is not None:
-            kl = self.kl_fn(logp, ref_logp) * batch.mask  # (B, T)
+            kl = self._kl(batch, logp, ref_logp)  # (B, T)
             loss_tok = loss_tok + self._kl_coef() * kl
             metrics["loss/kl_ref"] = (kl.sum() / batch.mask.sum().clamp(min=1)).detach()
         loss = self.agg_fn(loss_tok, batch.mask, max_len=self.max_len)
@@ -162,9 +166,29 @@ class Learner:
         return metrics
 
     def end_rollout_step(self) -> None:
-        """Once per rollout step (an MDPO iteration)."""
+        """Once per rollout step: an MDPO iteration ends; ReMix moves pi_{k-1} and may reincarnate."""
         if "mdpo_anneal" in self.controllers:
             self.controllers["mdpo_anneal"].step()
+        remix = self.controllers.get("remix")
+        if remix is not None:
+            remix.step()
+            if self.prev_policy is not None:
+                self.prev_policy.model.load_state_dict(self.policy.model.state_dict())
+            if remix.should_reincarnate():  # pi_base <- pi_T, then on-policy data only
+                if self.ref_policy is not None:
+                    self.ref_policy.model.load_state_dict(self.policy.model.state_dict())
+                remix.reincarnate()
+
+    def _kl(self, batch: Batch, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+        """KL to the reference (B, T); with ReMix, the KL-convex mix lam KL(.||pi_base) + (1-lam) KL(.||pi_{k-1})."""
+        kl = self.kl_fn(logp, ref_logp) * batch.mask
+        if self.prev_policy is None:
+            return kl
+        with torch.no_grad():
+            prev_logp, _ = self.prev_policy.response_logprobs(batch.input_ids, batch.attention_mask,
+                                                              batch.prompt_len, self.temperature)
+        lam, rest = self.controllers["remix"].kl_weights()
+        return lam * kl + rest * self.kl_fn(logp, prev_logp) * batch.mask
 
     def _advantages(self, batch: Batch, old_logp: torch.Tensor | None) -> torch.Tensor:
         cfg, keep = self.cfg, None
@@ -258,7 +282,10 @@ class Learner:
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "version": self.version,
                 "drop_gen": self.drop_gen.get_state(),
-                "controllers": {name: c.state_dict() for name, c in self.controllers.items()}}
+                "controllers": {name: c.state_dict() for name, c in self.controllers.items()},
+                # anchors are part of the run's state: a resumed run keeps its reference, not a new one
+                "ref_model": self.ref_policy.model.state_dict() if self.ref_policy is not None else None,
+                "prev_model": self.prev_policy.model.state_dict() if self.prev_policy is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])
@@ -268,6 +295,9 @@ class Learner:
             self.drop_gen.set_state(state["drop_gen"])
         for name, c in self.controllers.items():
             c.load_state_dict(state.get("controllers", {})[name])
+        for anchor, key in ((self.ref_policy, "ref_model"), (self.prev_policy, "prev_model")):
+            if anchor is not None and state.get(key) is not None:
+                anchor.model.load_state_dict(state[key])
 
 
 def validate_rl_config(cfg: RLConfig) -> None:

@@ -226,6 +226,9 @@ def run_rl(run: Run) -> None:
             batch = collate([e for g in chosen for e in g.experiences], tok.pad_id)
             update_metrics.append(learner.update(batch))
         learner.end_rollout_step()
+        if "remix" in learner.controllers and rl.buffer.sampling == "recent_mix":
+            remix = learner.controllers["remix"]  # its data mix drives the sampler (p -> 0 after reincarnation)
+            buffer.sampling_params.update(p_off=remix.off_policy_prob, window=remix.window)
         t2 = time.perf_counter()
         # 4. log
         metrics = mean_metrics(update_metrics)

@@ -191,3 +191,35 @@ def vcpo(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, ol
                         "is_trunc_frac": masked_mean((log_w > math.log(tis_cap)).float(), seq),
                         "ess_ratio": ess(log_w, seq), "ess_ratio_clipped": ess(log_wc, seq)})
     return loss * w[:, None].to(loss.dtype), metrics
+
+
+@POLICY_LOSSES.register("remix_ppg", needs=("old_logp", "behavior_logp"), default_agg="token-mean",
+                        paper="arXiv:2507.06892",
+                        summary="ppo_clip of π_θ/π_{k−i} with the clip range centred on π_k/π_{k−i} instead of 1 "
+                                "(ReMix Mix-PPG)")
+def remix_ppg(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
+              behavior_logp: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """ReMix's Mix-PPG surrogate [S: ALGORITHMS.md §9, code not released]:
+
+    ``L = −min(r Â, clip(r, c − ε, c + ε) Â)`` with ``r = π_θ/π_{k−i}`` (behaviour = the historical
+    policy that generated the data) and ``c = sg[π_k/π_{k−i}]`` (the proximal policy ``old_logp``
+    over the behaviour policy), so the trust region is centred where the current policy already
+    is instead of at 1. Delta vs ``ppo_clip``: the centre ``c``; on fresh data (``π_k = π_{k−i}``,
+    c = 1) it *is* ``ppo_clip`` with ``clip_low = clip_high = ε``. ε = 0.2 [S]; the lower bound
+    is floored at 0. Pair with ``rl.buffer.sampling: recent_mix`` and the ``remix`` controller
+    (KL-convex term, reincarnation); the paper's aggregation is [NF] (token-mean here).
+    Metrics: ``clip_frac``, ``center_mean`` (mean c).
+    """
+    check_shapes("remix_ppg", logp=logp, advantages=advantages, mask=mask, old_logp=old_logp,
+                 behavior_logp=behavior_logp)
+    if clip < 0:
+        raise ValueError(f"remix_ppg clip must be >= 0, got {clip}")
+    ratio = token_log_ratio(logp, behavior_logp, mask).exp()  # (B, T)
+    center = token_log_ratio(old_logp, behavior_logp, mask).exp().detach()  # (B, T)
+    clipped = torch.minimum(torch.maximum(ratio, (center - clip).clamp(min=0)), center + clip)
+    loss = torch.maximum(-advantages * ratio, -advantages * clipped)
+    with torch.no_grad():
+        cut = ((advantages > 0) & (ratio > center + clip)) | ((advantages < 0) & (ratio < center - clip))
+        metrics = {"clip_frac": masked_mean(cut.float(), mask), "center_mean": masked_mean(center, mask),
+                   **ratio_metrics(token_log_ratio(logp, behavior_logp, mask), mask)}
+    return masked(loss, mask), metrics
