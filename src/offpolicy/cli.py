@@ -85,6 +85,37 @@ def eval_cmd(
 
 
 @app.command()
+def ope(
+    checkpoint: str = typer.Argument(..., help="the target policy: checkpoint folder (or Hugging Face id)"),
+    experiences: Path = typer.Option(..., "--experiences", help="logged experiences (jsonl, e.g. a run's "
+                                     "experiences.jsonl written with run.save_experiences=true)"),
+    temperature: float = typer.Option(1.0, "--temperature", help="the temperature the target policy would sample at"),
+    clip: Optional[float] = typer.Option(None, "--clip", help="cap on importance weights"),
+    level: float = typer.Option(0.95, "--level", help="confidence level of the intervals"),
+    bootstrap: int = typer.Option(0, "--bootstrap", help="bootstrap resamples (0 = normal intervals only)"),
+    threads: int = typer.Option(2, "--threads"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Off-policy evaluation: the target policy's expected reward estimated from logged experiences."""
+    import torch
+
+    from offpolicy.experience import read_experiences
+    from offpolicy.ope import evaluate_offline
+    from offpolicy.policy.model import load_policy
+
+    try:
+        torch.set_num_threads(threads)
+        logs = read_experiences(experiences)
+        result = evaluate_offline(load_policy(checkpoint), logs, temperature=temperature, clip=clip, level=level,
+                                  bootstrap=bootstrap)
+    except USER_ERRORS as e:
+        _fail(e, debug)
+    result["estimates"] = {k: v.to_dict() for k, v in result["estimates"].items()}
+    typer.echo(json.dumps({"checkpoint": checkpoint, "experiences": str(experiences), **result}, indent=2,
+                          default=str))
+
+
+@app.command()
 def algorithms() -> None:
     """List every registered objective with its one-line description and paper."""
     from rich.console import Console

@@ -41,6 +41,7 @@ class RunConfig(_Strict):
     threads: int = 2  # torch intra-op threads (the CPU machine has 2 cores)
     checkpoint_every: int = 50  # RL steps between checkpoints (one is always written at the end)
     progress: bool = True  # rich progress bar and tables on the console
+    save_experiences: bool = False  # append every RL rollout to experiences.jsonl (for offline RL and `offpolicy ope`)
 
 
 class PolicyConfig(_Strict):

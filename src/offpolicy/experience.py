@@ -158,3 +158,45 @@ def _per_token(experiences: Sequence[Experience], name: str, T: int, dtype) -> t
         if r:
             out[i, : len(r)] = torch.tensor(r, dtype=dtype)
     return out
+
+
+def write_experiences(path, experiences: Sequence[Experience]) -> None:
+    """Append experiences to a jsonl file, one JSON object per line (the format :func:`read_experiences` reads)."""
+    import json
+    from pathlib import Path
+
+    with open(Path(path), "a") as f:
+        for e in experiences:
+            f.write(json.dumps(e.to_dict()) + "\n")
+
+
+def read_experiences(path) -> list[Experience]:
+    """Experiences from a jsonl file; a bad line raises ``ValueError`` naming the file and line."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"experience file not found: {path}")
+    out = []
+    fields = set(Experience.__dataclass_fields__)
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:line {n}: expected a JSON object, got {type(row).__name__}")
+            unknown = sorted(set(row) - fields)
+            if unknown:
+                raise ValueError(f"{path}:line {n}: unknown fields {unknown}")
+            try:
+                out.append(Experience(**row))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}:line {n}: {e}") from None
+    if not out:
+        raise ValueError(f"{path}: no experiences")
+    return out

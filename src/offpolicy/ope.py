@@ -10,8 +10,8 @@ the sequence importance weight
 Tool / environment tokens (``m_t = 0``) have the same probability under π and μ and cancel.
 Every estimator below needs *coverage*: π(y|x) > 0 only where μ(y|x) > 0. If the engine used
 top-p, μ has no mass outside the nucleus while π (scored as ``softmax(logits / temperature)``) has;
-then ``E_μ[w] < 1`` and every estimator is biased low. ``weight_mean`` (≈ 1 under coverage) is
-the symptom to watch.
+then ``E_μ[w] < 1``, IS is biased towards 0 and the self-normalised estimators estimate π
+restricted to the nucleus. ``weight_mean`` (≈ 1 under coverage) is the symptom to watch.
 
 Estimators (``n`` logged responses, ``b_i`` the leave-one-out per-prompt baseline, see
 :func:`loo_baseline`):
@@ -38,8 +38,8 @@ and ``stderr`` and the normal interval are NaN.
 
 ESS (Kong 1992; Owen 2013 §9.3): ``ess_abs = (Σw)² / Σw²`` and ``ess = ess_abs / n`` in (0, 1],
 computed in log space by :func:`offpolicy.objectives.diagnostics.ess`. It is 1 when every weight
-is equal (on-policy) and ``1/n`` when one response carries all the weight; for fewer than ~``1/ess``
-effective samples no interval should be trusted.
+is equal (on-policy) and ``1/n`` when one response carries all the weight. When ``ess_abs`` is a
+handful, the normal interval is not to be trusted, however narrow it looks.
 
 Numerics. Everything runs in float64 on CPU (weights ``e^{±50}`` and their squares are
 representable). Self-normalised estimators and ESS shift ``log_w`` by its maximum first, so they
@@ -251,7 +251,7 @@ def snis_estimate(log_w: torch.Tensor, rewards: torch.Tensor, *, prompt_ids: tor
 
     Delta from ``is``: divides by ``Σ w`` instead of ``n``. Biased by O(1/n) but consistent, always
     inside ``[min R, max R]``, invariant to a constant factor in the weights (so ``log_w`` is shifted
-    by its maximum: finite for any finite log-ratios) and usually of much lower variance
+    by its maximum: finite for any finite log-ratios) and often of much lower variance
     (Owen 2013, *Monte Carlo theory, methods and examples*, ch. 9). Its standard error is the delta
     method one, ``√(Σ w_i²(R_i − V̂)²) / Σ w_i`` up to the ``G/(G−1)`` and prompt-cluster terms.
     """
@@ -267,14 +267,14 @@ def pdis_estimate(log_ratio: torch.Tensor, mask: torch.Tensor, rewards: torch.Te
                   token_rewards: torch.Tensor | None = None, prompt_ids: torch.Tensor | None = None,
                   clip: float | None = None, level: float = 0.95, bootstrap: int = 0,
                   seed: int = 0) -> OpeEstimate:
-    """Per-decision IS ``V̂ = (1/n) Σ_i Σ_t r_{i,t} Π_{j≤t} ρ_{i,j}``, ``ρ = exp(ℓ^π − ℓ^μ)`` on masked tokens.
+    """Per-decision IS ``V̂ = (1/n) Σ_i Σ_t r_{i,t} Π_{j≤t} ρ_{i,j}`` with ``ρ = exp(ℓ^π − ℓ^μ)`` on the mask.
 
     Precup, Sutton & Singh, "Eligibility traces for off-policy policy evaluation", ICML 2000.
     ``log_ratio`` and ``mask`` are (N, T); ``token_rewards`` (N, T) are used when given (the
     estimate is then of ``E_π[Σ_t r_t]``), else the outcome ``rewards`` (N,) sit on the last token.
-    Delta from ``is``: a reward at token t is weighted only by the ratios of tokens up to t — the
-    later ratios are independent of it and have mean 1 under μ, so dropping them removes variance
-    without bias.
+    Delta from ``is``: a reward at token t is weighted only by the ratios of tokens up to t. The
+    later ratios have conditional mean 1 under μ given the prefix (``E_μ[Π_{j>t} ρ_j | y_{≤t}] = 1``),
+    so dropping them removes variance without adding bias.
 
     For outcome rewards (``r_t = 0`` for ``t < |y|``, ``r_{|y|} = R``) the inner sum has one term,
     ``R_i Π_{j≤|y_i|} ρ_{i,j} = w_i R_i``: **per-decision IS reduces exactly to ordinary IS**. It
@@ -437,9 +437,9 @@ def score_logged(policy: Policy, experiences: Sequence[Experience], *, temperatu
         token_rewards = torch.zeros(len(used), T, dtype=F64)
         for i, e in enumerate(used):
             token_rewards[i, :len(e.token_rewards)] = torch.tensor(e.token_rewards, dtype=F64)
-    return LoggedRatios(log_ratio=log_ratio, mask=mask, rewards=torch.tensor([float(e.reward) for e in used], dtype=F64),
-                        token_rewards=token_rewards, prompt_ids=prompt_ids, n_skipped=len(experiences) - len(used),
-                        skipped=skipped)
+    rewards = torch.tensor([float(e.reward) for e in used], dtype=F64)
+    return LoggedRatios(log_ratio=log_ratio, mask=mask, rewards=rewards, token_rewards=token_rewards,
+                        prompt_ids=prompt_ids, n_skipped=len(experiences) - len(used), skipped=skipped)
 
 
 def estimate_all(data: LoggedRatios, estimators: Sequence[str] = DEFAULT_ESTIMATORS,

@@ -68,7 +68,7 @@ def test_dr_removes_weight_noise_on_prompts_with_constant_reward():
     rewards = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=D)
     dr, sndr = dr_estimate(LOG_W, rewards, prompt_ids=PROMPT), sndr_estimate(LOG_W, rewards, prompt_ids=PROMPT)
     assert (dr.value, sndr.value) == approx((0.5, 0.5)) and is_estimate(LOG_W, rewards).value == approx(0.625)
-    # ψ_i = R_i − .5, per-prompt sums ψ_g = ±1: se = √(G/(G−1)·Σψ_g²)/n = √(2·2)/4 = .5, all from x alone
+    # ψ_i = R_i − .5, per-prompt sums ψ_g = ±1: se = √(G/(G−1)·Σψ_g²)/n = √(2·2)/4 = .5, all from x
     assert dr.stderr == approx(0.5)
 
 
@@ -99,14 +99,16 @@ def test_estimators_are_exactly_unbiased_by_enumeration():
     # One prompt, arms a ∈ {0, 1}: μ = (.5, .5), π = (.8, .2), R(a) = (1, 0); V(π) = .8, V(μ) = .5.
     # Two logged responses: enumerate the 4 equally likely action pairs and average the estimates.
     mu, pi, reward = [0.5, 0.5], [0.8, 0.2], [1.0, 0.0]
-    mean = {"is": 0.0, "dr": 0.0}
+    mean = {"is": 0.0, "dr": 0.0, "dr_in_sample": 0.0}
     for a in itertools.product([0, 1], repeat=2):
         log_w = torch.tensor([L(pi[i] / mu[i]) for i in a], dtype=D)
         rew = torch.tensor([reward[i] for i in a], dtype=D)
         mean["is"] += 0.25 * is_estimate(log_w, rew).value
         mean["dr"] += 0.25 * dr_estimate(log_w, rew, prompt_ids=torch.tensor([0, 0])).value
-    assert mean == approx({"is": 0.8, "dr": 0.8})
-    # the in-sample baseline (R_i inside b_i) would give V(π) − (V(π) − V(μ))/k = .8 − .3/2 = .65 instead
+        b = rew.mean()  # the in-sample baseline contains R_i itself
+        mean["dr_in_sample"] += 0.25 * float((b + log_w.exp() * (rew - b)).mean())
+    # leave-one-out: unbiased; in-sample: V(π) − (V(π) − V(μ))/k = .8 − .3/2 = .65
+    assert mean == approx({"is": 0.8, "dr": 0.8, "dr_in_sample": 0.65})
 
 
 def test_pdis_token_rewards_hand_computed_and_outcome_reduces_to_is():
@@ -259,6 +261,7 @@ def test_evaluate_offline_on_policy_logs_and_skipped_rows(tiny_policy):
     assert out["n_prompts"] == 3 and out["pdis_rewards"] == "outcome" and out["behavior_reward_mean"] == 0.5
     for name, est in out["estimates"].items():
         assert est.value == approx(0.5, abs=1e-5) and est.ess == approx(1.0, abs=1e-5), name
+    assert evaluate_offline(tiny_policy, exps, group_by="group_id")["n_prompts"] == 3
     metrics = to_metrics(out)
     assert metrics["ope/snis/value"] == approx(0.5, abs=1e-5) and metrics["ope/n_skipped"] == 2.0
 

@@ -27,7 +27,7 @@ from offpolicy.config import Config, ConfigError, dump_config
 from offpolicy.data.buffer import Group, ReplayBuffer
 from offpolicy.data.rewards import load_reward_fn
 from offpolicy.data.tasks import make_task
-from offpolicy.experience import collate
+from offpolicy.experience import collate, write_experiences
 from offpolicy.policy.model import Policy, build_tiny, load_policy
 from offpolicy.policy.tiny import TinyConfig
 from offpolicy.report.console import Console
@@ -208,6 +208,8 @@ def run_rl(run: Run) -> None:
             add_expert_traces(groups, problems, tok, run.score_fn, rl.expert_per_group)
         if learner.needs_behavior_train_logp:
             attach_train_logprobs(run.policy, groups, cfg.sampling.temperature)
+        if cfg.run.save_experiences:
+            write_experiences(run.out / "experiences.jsonl", [e for g in groups for e in g])
         run.state["rollouts"] += rs.n
         run.state["rl_tokens"] += rs.tokens
         run.state["rl_gen_seconds"] += rs.seconds
