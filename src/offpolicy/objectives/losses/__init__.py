@@ -23,10 +23,10 @@ from offpolicy.objectives.losses.sequence import gmpo, gspo, gspo_token
 from offpolicy.objectives.losses.pairwise import copg, dpo
 from offpolicy.objectives.losses.expert import chord, chord_mu_schedule, luffy, sft, sft_is
 from offpolicy.objectives.losses.adaptive import bapo, clip_cov, kl_cov, m2po
-from offpolicy.objectives.losses.stale import ctpo, decoupled_ppo, minpro, topr, vcpo
+from offpolicy.objectives.losses.stale import ctpo, decoupled_ppo, minpro, remix_ppg, topr, vcpo
 
 __all__ = ["POLICY_LOSSES", "GSPO_LOG_RATIO_MAX", "REC_CLIP_MODES", "REC_REGULARIZERS", "REC_WEIGHTS",
            "clipped_surrogate", "ratio_metrics", "chord_mu_schedule",
            "ppo_clip", "grpo", "dr_grpo", "dapo", "sapo", "cispo", "reinforce", "rec", "opmd", "asymre",
            "gspo", "gspo_token", "gmpo", "sft", "sft_is", "chord", "luffy", "bapo", "kl_cov", "clip_cov", "m2po",
-           "topr", "decoupled_ppo", "ctpo", "minpro", "vcpo", "copg", "dpo", "mdpo"]
+           "topr", "decoupled_ppo", "ctpo", "minpro", "vcpo", "remix_ppg", "copg", "dpo", "mdpo"]
