@@ -26,5 +26,14 @@ test: install-dev
 test-fast: install-dev
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Short benchmarks (~8-12 min on 2 cores): write benchmarks/results/*.json ("short": true); the full
+# versions, their commands and result tables: docs/benchmarks.md.
+bench: install-dev
+	$(PIP) -e ".[dev,bench]"
+	$(BIN)/python benchmarks/bench_generation.py --short
+	$(BIN)/python benchmarks/bench_buffer.py --short
+	$(BIN)/python benchmarks/bench_reuse.py --short --fresh
+	$(BIN)/python benchmarks/bench_trl.py --short
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

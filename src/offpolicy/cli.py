@@ -163,7 +163,8 @@ def compare(
         return "—" if st["mean"] is None else f"{f.format(st['mean'])} [{f.format(st['min'])}, {f.format(st['max'])}]"
 
     table = Table(title=f"compare: {seeds} seed(s), mean [min, max]", title_justify="left")
-    for col in ("label", "start greedy", "final greedy", "rollouts", "RL seconds", "to target: rollouts", "to target: s"):
+    for col in ("label", "start greedy", "final greedy", "rollouts", "RL seconds", "to target: rollouts",
+                "to target: s"):
         table.add_column(col)
     for label, e in result["labels"].items():
         t = e.get("to_target")

@@ -158,11 +158,11 @@ def rl_curve(run: Path) -> dict[str, list[float]]:
 
 
 def first_reach(curve: dict[str, list[float]], target: float) -> dict[str, float] | None:
-    """Rollouts, RL seconds and learner steps at the first evaluation with greedy accuracy >= target."""
+    """Rollouts, RL seconds, learner steps and RL step at the first evaluation with greedy accuracy >= target."""
     for i, acc in enumerate(curve["acc"]):
         if acc >= target:
             return {"rollouts": curve["rollouts"][i], "rl_seconds": curve["seconds"][i],
-                    "learner_steps": curve["learner_steps"][i], "accuracy": acc}
+                    "learner_steps": curve["learner_steps"][i], "rl_step": curve["rl_step"][i], "accuracy": acc}
     return None
 
 

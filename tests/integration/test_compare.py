@@ -102,6 +102,18 @@ def test_unfinished_run_without_checkpoint_starts_over(recipes, tmp_path):
     assert (stale / "summary.json").exists()
 
 
+def test_killed_run_with_a_checkpoint_resumes(recipes, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", str(recipes[0]), "--seeds", "1", "--out", str(out), "run.checkpoint_every=1"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    run = out / "onpolicy" / "seed0"
+    (run / "summary.json").unlink()  # as if killed after its last checkpoint
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "resuming" in again.stderr and "0 run(s) ran, 1 resumed, 0 skipped" in again.stdout
+    assert (run / "summary.json").exists()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--sweep", "rl.optim.lr=1e-3"], "at least two"),
     (["--sweep", "rl.optim.lr"], "key.sub=v1,v2"),
@@ -127,7 +139,9 @@ def test_plan_and_helpers(recipes, tmp_path):
     # a resumed run logs steps after its checkpoint again: the later record wins
     rows = [{"stage": "rl", "step": 1, "x": 1}, {"stage": "rl", "step": 2, "x": 2}, {"stage": "rl", "step": 2, "x": 3}]
     assert [r["x"] for r in dedupe(rows)] == [1, 3]
-    curve = {"acc": [0.2, 0.3, 0.5], "rollouts": [0, 10, 20], "seconds": [0, 1, 2], "learner_steps": [0, 2, 4]}
-    assert first_reach(curve, 0.45) == {"rollouts": 20, "rl_seconds": 2, "learner_steps": 4, "accuracy": 0.5}
+    curve = {"acc": [0.2, 0.3, 0.5], "rollouts": [0, 10, 20], "seconds": [0, 1, 2], "learner_steps": [0, 2, 4],
+             "rl_step": [0, 1, 2]}
+    assert first_reach(curve, 0.45) == {"rollouts": 20, "rl_seconds": 2, "learner_steps": 4, "rl_step": 2,
+                                        "accuracy": 0.5}
     assert first_reach(curve, 0.9) is None
     assert resolve_target("+0.1", {"a": [curve, {**curve, "acc": [0.4]}]}) == pytest.approx(0.4)

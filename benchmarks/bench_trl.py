@@ -1,0 +1,696 @@
+"""Side by side with TRL's GRPOTrainer: rollouts and wall-clock to a held-out accuracy target.
+
+    .venv/bin/pip install -c constraints.txt -e ".[bench]"            # trl (CPU torch stays pinned)
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py --short   # `make bench`: 1 seed, ~1.5 min (~5 if shared)
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py --seeds 3 # 3 seeds, longer runs, ~8 min
+
+All three systems start from the same weights: the shipped SFT checkpoint
+``tests/fixtures/tiny_addition_sft`` (0.41M-parameter tiny GPT, ~28% held-out greedy accuracy on
+2-digit addition), exported for TRL as an equivalent ``transformers`` GPT-2 with
+``offpolicy.policy.export.export_hf`` (same logits to 1e-5, same greedy generations; see
+``tests/unit/test_export.py``). Same machine, task (``addition``, 2-digit operands), prompts per
+step, completions per prompt, completion length (6 tokens), temperature 1, learning rate 1e-4
+(constant, AdamW, grad-norm clip 1.0), no KL / no reference model, and seed:
+
+- ``trl``: ``trl.GRPOTrainer`` on CPU with ``transformers.generate`` (no vLLM), ``beta=0``,
+  ``loss_type="grpo"`` (per-sequence mean, like our ``grpo`` loss), group-std-scaled rewards,
+  one optimizer step per generation batch, reward = ``task.score``;
+- ``grpo_onpolicy``: ``recipes/grpo_onpolicy.yaml`` (one update per rollout step on the fresh groups);
+- ``quickstart``: ``recipes/quickstart.yaml`` (off-policy: 4 updates per step, each on half the new
+  number of groups, drawn from a replay buffer of groups at most 4 versions stale, PPO clip against
+  the behaviour log-probs), both run with ``policy.init=<fixture> sft.steps=0``.
+
+Held-out greedy accuracy is measured after every step on the same 300 eval-split problems for every
+system (the runner's ``eval.n_problems=300`` set; TRL's model is evaluated with offpolicy's
+``evaluate`` and an ``HFEngine`` from a ``TrainerCallback``). Our runs have a fixed number of steps;
+TRL stops at the highest reported target or when its training-time budget is spent. The headline
+target is start + 0.20 (``--gain``); ``by_gain`` reads the same runs at +0.10, +0.20 and +0.30. A
+system that never reaches a target is charged its whole budget, and the ratio is then a lower bound
+(``*_is_lower_bound``).
+
+Wall-clock is training time with evaluations excluded: ours is the runner's sum of ``time/step_s``
+(rollout + learning), TRL's the sum of its optimizer steps (``on_step_begin`` → ``on_step_end``:
+generation + scoring + forward/backward + optimizer). Other jobs sharing the 2 cores slow some steps
+down ~8x, so each worker first waits (≤ 60 s) for idle cores, and the ratio is also given for quiet
+cores (``wallclock_quiet_*``): steps to target × the run's quiet step time (median of its fastest
+quarter of steps; ``disturbed_step_fraction`` says how many steps were slowed). Token rates are
+quiet rates the same way. Each system runs in its own process, so ``peak_rss_mb`` is its own
+(glibc's heap included). ``--reuse`` summarises the runs of an earlier invocation again.
+
+Writes ``benchmarks/results/trl_comparison.json`` (``--short``, what ``make bench`` runs) or
+``benchmarks/results/trl_comparison_full.json`` (without ``--short``) and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, markdown_table, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SFT = ROOT / "tests" / "fixtures" / "tiny_addition_sft"
+RECIPES = {"grpo_onpolicy": ROOT / "recipes" / "grpo_onpolicy.yaml", "quickstart": ROOT / "recipes" / "quickstart.yaml"}
+SYSTEMS = ("trl", "grpo_onpolicy", "quickstart")
+GAINS = (0.10, 0.20, 0.30)  # targets reported from the same runs (the headline is --gain, default 0.20)
+TASK = {"name": "addition", "params": {"min_digits": 2, "max_digits": 2}}
+MAX_NEW_TOKENS, TEMPERATURE, LR = 6, 1.0, 1e-4
+
+SHORT = {"prompts_per_step": 128, "group_size": 8, "eval_problems": 300, "eval_every": 1,
+         "ours_steps": {"grpo_onpolicy": 60, "quickstart": 30}, "trl_budget_s": 240.0, "trl_max_steps": 400}
+FULL = {**SHORT, "ours_steps": {"grpo_onpolicy": 100, "quickstart": 40}, "trl_budget_s": 400.0, "trl_max_steps": 800}
+
+
+def start_accuracy(seed: int, n: int) -> float:
+    """Held-out greedy accuracy of the SFT checkpoint on the eval set every system uses for ``seed``."""
+    from offpolicy.data.tasks import make_task
+    from offpolicy.policy.model import load_policy
+    from offpolicy.rollout.engines import TinyEngine
+    from offpolicy.train.evaluate import evaluate
+
+    task = make_task(TASK["name"], **TASK["params"])
+    problems = task.problems(n, split="eval", seed=eval_seed(seed))
+    engine = TinyEngine(load_policy(SFT))
+    return evaluate(engine, problems, task.score, max_new_tokens=MAX_NEW_TOKENS, samples=0)["eval/greedy_acc"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def eval_seed(seed: int) -> int:
+    return seed + 10_007  # the runner's held-out set for run.seed = seed (offpolicy.train.runner.setup)
+
+
+# ---- worker: offpolicy (one recipe, one seed) -------------------------------------------------
+def run_ours(label: str, seed: int, s: dict[str, Any], out: Path) -> dict[str, Any]:
+    import torch
+
+    from offpolicy.config import load_config
+    from offpolicy.report.metrics import read_metrics
+    from offpolicy.train import learner as learner_mod
+    from offpolicy.train.runner import train
+
+    learned = {"tokens": 0.0, "seconds": 0.0, "updates": 0, "threads": None, "rates": []}
+    original = learner_mod.Learner.update
+
+    def counted(self, batch):  # learner tokens/s: response tokens in update batches per second of update
+        t0 = time.perf_counter()
+        metrics = original(self, batch)
+        dt, n = time.perf_counter() - t0, float(batch.mask.sum())
+        learned["seconds"] += dt
+        learned["tokens"] += n
+        learned["rates"].append(round(n / dt, 1))
+        learned["updates"] += 1
+        learned["threads"] = torch.get_num_threads()
+        return metrics
+
+    learner_mod.Learner.update = counted
+    P, G = s["prompts_per_step"], s["group_size"]
+    overrides = [f"policy.init={SFT}", "sft.steps=0", f"rl.steps={s['ours_steps'][label]}",
+                 f"rl.prompts_per_step={P}", f"rl.group_size={G}", f"sampling.max_new_tokens={MAX_NEW_TOKENS}",
+                 f"sampling.temperature={TEMPERATURE}", f"rl.optim.lr={LR}",
+                 f"eval.every={s['eval_every']}", f"eval.n_problems={s['eval_problems']}", "eval.samples=0",
+                 "run.checkpoint_every=0", "run.progress=false", "run.threads=2",
+                 f"run.seed={seed}", f"run.out_dir={out}", f"run.name=bench_trl/{label}/seed{seed}"]
+    if label == "quickstart":  # keep the recipe's reuse: 4 updates x (P/2) groups per P new groups
+        overrides.append(f"rl.groups_per_update={P // 2}")
+    else:
+        overrides.append(f"rl.groups_per_update={P}")
+    cfg = load_config(RECIPES[label], overrides)
+    if out.exists():
+        shutil.rmtree(out)
+    summary = train(cfg)
+    rows = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in rows if r.get("stage") == "rl" and "reward/mean" in r]
+    cum, seconds, gen_s, gen_tok = 0.0, {0: 0.0}, 0.0, 0.0
+    step_times = [round(r["time/step_s"], 4) for r in steps]
+    for r in steps:
+        cum += r["time/step_s"]
+        seconds[r["step"]] = cum
+        tps = r.get("rollout/tokens_per_s")
+        if tps:
+            n = r["rollout/response_len"] * P * G  # response tokens generated this step
+            gen_tok += n
+            gen_s += n / tps
+    curve = []
+    for r in rows:
+        point = str(r.get("eval_point", ""))
+        if "eval/greedy_acc" in r and (point in ("before_rl", "final") or point.startswith("rl_step_")):
+            step = 0 if point == "before_rl" else r["step"]
+            curve.append({"step": step, "rollouts": r["rollouts"], "seconds": round(seconds.get(step, cum), 3),
+                          "acc": r["eval/greedy_acc"]})
+    return {"system": label, "seed": seed, "overrides": overrides, "curve": _dedupe(curve),
+            "steps": len(steps), "rollouts": summary["rollouts"], "train_seconds": round(cum, 2),
+            "step_seconds": step_times,
+            "rollout_tokens": gen_tok, "rollout_seconds": round(gen_s, 2),
+            "rollout_tokens_per_s": gen_tok / gen_s if gen_s else None,
+            "learner_tokens": learned["tokens"], "learner_seconds": round(learned["seconds"], 2),
+            "learner_tokens_per_s": learned["tokens"] / learned["seconds"] if learned["seconds"] else None,
+            "learner_updates": learned["updates"],
+            "rollout_tokens_per_s_per_step": [round(r["rollout/tokens_per_s"], 1) for r in steps],
+            "learner_tokens_per_s_per_update": learned["rates"], "torch_threads": learned["threads"],
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def _dedupe(curve: list[dict]) -> list[dict]:
+    by_step: dict[int, dict] = {}
+    for p in curve:
+        by_step[p["step"]] = p
+    return [by_step[k] for k in sorted(by_step)]
+
+
+# ---- worker: TRL GRPOTrainer -------------------------------------------------------------------
+def run_trl(seed: int, s: dict[str, Any], out: Path, target: float | None) -> dict[str, Any]:
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from offpolicy.data.tasks import Problem, make_task
+    from offpolicy.policy.export import export_hf
+    from offpolicy.policy.hf import HFTokenizer
+    from offpolicy.policy.model import Policy
+    from offpolicy.rollout.engines import HFEngine
+    from offpolicy.train.evaluate import evaluate
+
+    torch.set_num_threads(2)
+    if out.exists():
+        shutil.rmtree(out)
+    hf_dir = export_hf(SFT, out / "exported_sft")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(hf_dir)
+    task = make_task(TASK["name"], **TASK["params"])
+    P, G = s["prompts_per_step"], s["group_size"]
+    train_problems = task.problems(P * s["trl_max_steps"], split="train", seed=seed)
+    eval_problems = task.problems(s["eval_problems"], split="eval", seed=eval_seed(seed))
+    dataset = Dataset.from_dict({"prompt": [p.prompt for p in train_problems],
+                                 "answer": [p.answer for p in train_problems]})
+    counts = {"completions": 0, "tokens": 0, "reward_calls": 0}
+
+    def addition_reward(prompts, completions, completion_ids, answer, **_):
+        counts["completions"] += len(completions)
+        counts["tokens"] += sum(len(c) for c in completion_ids)  # includes EOS, like our engines' counts
+        counts["reward_calls"] += 1
+        return [task.score(Problem("", p, a), c) for p, c, a in zip(prompts, completions, answer)]
+
+    args = GRPOConfig(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=P * G, num_generations=G,
+        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
+        max_completion_length=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, top_k=0,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        beta=0.0, loss_type="grpo", scale_rewards="group", epsilon=0.2,
+        max_steps=s["trl_max_steps"], logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, use_vllm=False,
+        seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+    )
+    trainer = GRPOTrainer(model=str(hf_dir), reward_funcs=addition_reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    torch.set_num_threads(2)
+    model = trainer.model
+    gen = {"seconds": 0.0, "calls": 0, "evaluating": False}
+    original_generate = model.generate
+
+    def timed_generate(*a, **k):  # TRL's rollouts only: held-out evaluation is not charged to TRL
+        t0 = time.perf_counter()
+        res = original_generate(*a, **k)
+        if not gen["evaluating"]:
+            gen["seconds"] += time.perf_counter() - t0
+            gen["calls"] += 1
+        return res
+
+    model.generate = timed_generate
+
+    def held_out(m) -> float:
+        was = m.training
+        gen["evaluating"] = True
+        m.eval()
+        engine = HFEngine(Policy(m, HFTokenizer(tokenizer), "hf"), max_batch=len(eval_problems))
+        acc = evaluate(engine, eval_problems, task.score, max_new_tokens=MAX_NEW_TOKENS, samples=0)["eval/greedy_acc"]
+        m.train(was)
+        gen["evaluating"] = False
+        return acc
+
+    class Bench(TrainerCallback):
+        def __init__(self) -> None:
+            self.curve: list[dict] = []
+            self.step_times: list[float] = []
+            self.rollout_rates: list[float] = []
+            self.learner_rates: list[float] = []
+            self.train_s = 0.0
+            self.eval_s = 0.0
+            self.t_step = 0.0
+            self.rewards: list[float] = []
+            self.reached = False
+            self.stop_reason = "max_steps"
+
+        def on_train_begin(self, args, state, control, **kw):
+            t0 = time.perf_counter()
+            self.curve.append({"step": 0, "rollouts": 0, "seconds": 0.0, "acc": held_out(kw["model"])})
+            self.eval_s += time.perf_counter() - t0
+            self.t_begin = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t_step = time.perf_counter()
+            self.at_begin = (gen["seconds"], counts["tokens"])
+
+        def on_step_end(self, args, state, control, **kw):
+            self.step_times.append(round(time.perf_counter() - self.t_step, 4))
+            g_s, n = gen["seconds"] - self.at_begin[0], counts["tokens"] - self.at_begin[1]
+            if g_s > 0:
+                self.rollout_rates.append(round(n / g_s, 1))
+                self.learner_rates.append(round(n / max(self.step_times[-1] - g_s, 1e-9), 1))
+            self.train_s += self.step_times[-1]
+            self.threads = torch.get_num_threads()
+            if state.global_step % s["eval_every"] == 0:
+                t0 = time.perf_counter()
+                acc = held_out(kw["model"])
+                self.eval_s += time.perf_counter() - t0
+                self.curve.append({"step": state.global_step, "rollouts": counts["completions"],
+                                   "seconds": round(self.train_s, 3), "acc": acc})
+                if target is not None and acc >= target and not self.reached:
+                    self.reached = True
+                    control.should_training_stop = True
+                    self.stop_reason = "target"
+            if self.train_s >= s["trl_budget_s"] and not control.should_training_stop:
+                control.should_training_stop = True
+                self.stop_reason = "budget"
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                self.rewards.append(logs["reward"])
+
+    bench = Bench()
+    trainer.add_callback(bench)
+    trainer.remove_callback(PrinterCallback)  # one dict per step on stdout; the rewards are kept in the JSON
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0 - bench.eval_s
+    steps = trainer.state.global_step
+    learner_s = bench.train_s - gen["seconds"]
+    trained_tokens = counts["tokens"]  # TRL trains on every completion (uninformative groups have advantage 0)
+    return {"system": "trl", "seed": seed, "curve": bench.curve, "steps": steps, "rollouts": counts["completions"],
+            "train_seconds": round(bench.train_s, 2), "step_seconds": bench.step_times,
+            "wall_seconds_excluding_eval": round(wall, 2),
+            "stop_reason": bench.stop_reason, "torch_threads": bench.threads, "budget_s": s["trl_budget_s"],
+            "rollout_tokens": counts["tokens"], "rollout_seconds": round(gen["seconds"], 2),
+            "rollout_tokens_per_s": counts["tokens"] / gen["seconds"] if gen["seconds"] else None,
+            "learner_tokens": trained_tokens, "learner_seconds": round(learner_s, 2),
+            "learner_tokens_per_s": trained_tokens / learner_s if learner_s > 0 else None,
+            "rollout_tokens_per_s_per_step": bench.rollout_rates,
+            "learner_tokens_per_s_per_update": bench.learner_rates,
+            "reward_mean_per_step": [round(r, 4) for r in bench.rewards],
+            "trl_config": {k: getattr(args, k) for k in (
+                "per_device_train_batch_size", "num_generations", "max_completion_length", "learning_rate",
+                "lr_scheduler_type", "beta", "loss_type", "scale_rewards", "num_iterations", "epsilon",
+                "temperature", "top_k", "top_p", "max_grad_norm")},
+            "versions": {"trl": trl.__version__, "transformers": transformers.__version__},
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+# ---- driver ------------------------------------------------------------------------------------
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all cores busy over ``seconds`` (from /proc/stat; 0.0 where it does not exist)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except OSError:
+        return 0.0
+    return 1 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.3) -> tuple[float, float]:
+    """Wait (at most ``max_wait_s``) until other jobs use under ``threshold`` of the cores; returns the
+    seconds waited and the last busy fraction measured. Bounds the damage of other jobs, it does not
+    prevent them from starting mid-run."""
+    t0 = time.perf_counter()
+    busy = cpu_busy()
+    while busy > threshold and time.perf_counter() - t0 < max_wait_s:
+        time.sleep(4.0)
+        busy = cpu_busy()
+    return round(time.perf_counter() - t0, 1), round(busy, 2)
+
+
+def spawn(system: str, seed: int, settings: dict, work: Path, target: float | None,
+          reuse: bool = False) -> dict[str, Any]:
+    result = work / f"{system}_seed{seed}.json"
+    if reuse and result.exists():  # --reuse: summarise the runs of an earlier invocation again
+        return json.loads(result.read_text())
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--seed", str(seed),
+           "--settings", json.dumps(settings), "--work", str(work), "--result", str(result)]
+    if target is not None:
+        cmd += ["--target", repr(target)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    waited, busy = wait_for_quiet(settings.get("max_wait_for_quiet_s", 60.0))
+    t0, load0 = time.perf_counter(), round(os.getloadavg()[0], 2)
+    subprocess.run(cmd, check=True, env=env)
+    data = json.loads(result.read_text())
+    data["load_average_1m_before_after"] = [load0, round(os.getloadavg()[0], 2)]
+    data["waited_for_quiet_s"], data["cpu_busy_at_start"] = waited, busy
+    data["process_seconds"] = round(time.perf_counter() - t0, 1)
+    result.write_text(json.dumps(data, indent=2))  # with the driver's measurements, for --reuse
+    print(f"[bench_trl] {system} seed {seed}: {data['steps']} steps, {data['rollouts']} rollouts, "
+          f"{data['train_seconds']} s training, final acc {data['curve'][-1]['acc']:.3f}, "
+          f"{data['process_seconds']} s in all", flush=True)
+    return data
+
+
+def first_reach(curve: list[dict], target: float) -> dict | None:
+    for p in curve:
+        if p["acc"] >= target - 1e-9:
+            return p
+    return None
+
+
+def cost_to_target(runs: list[dict], target: float, key: str, budget_key: str) -> tuple[float | None, bool, list]:
+    """Mean over seeds of ``key`` at the first evaluation reaching ``target``; a seed that never reaches it
+    counts with its whole budget (its last point), which makes the mean a lower bound."""
+    vals, lower = [], False
+    for r in runs:
+        hit = first_reach(r["curve"], target)
+        if hit is None:
+            lower = True
+            vals.append(r[budget_key] if budget_key in r else r["curve"][-1][key])
+        else:
+            vals.append(hit[key])
+    return (sum(vals) / len(vals) if vals else None), lower, vals
+
+
+def quiet_step_s(step_seconds: list[float]) -> float:
+    """Median of the fastest quarter of a run's steps: its step time on undisturbed cores.
+
+    Every step of a run does about the same work (same prompts x completions, same updates), but other
+    jobs sharing the 2 cores slow some steps down ~8x (two 2-thread jobs on 2 cores); a quiet estimate
+    needs only a quarter of the steps to be undisturbed."""
+    fastest = sorted(step_seconds)[: max(1, len(step_seconds) // 4)]
+    return statistics.median(fastest)
+
+
+def quiet_rate(rates: list[float]) -> float | None:
+    """Median of the fastest quarter of per-step (per-update) token rates: the rate on undisturbed cores."""
+    if not rates:
+        return None
+    return statistics.median(sorted(rates, reverse=True)[: max(1, len(rates) // 4)])
+
+
+def disturbed_fraction(step_seconds: list[float]) -> float:
+    """Fraction of steps slower than twice the quiet step time (the run shared its cores)."""
+    q = quiet_step_s(step_seconds)
+    return sum(t > 2 * q for t in step_seconds) / len(step_seconds)
+
+
+def quiet_cost(runs: list[dict], target: float) -> tuple[float | None, bool, list]:
+    """Steps to target x the run's quiet step time: the wall-clock to target on undisturbed cores."""
+    vals, lower = [], False
+    for r in runs:
+        hit = first_reach(r["curve"], target)
+        lower |= hit is None
+        steps = hit["step"] if hit else r["steps"]
+        vals.append(steps * quiet_step_s(r["step_seconds"]))
+    return (sum(vals) / len(vals) if vals else None), lower, vals
+
+
+def ratio(num: tuple, den: tuple) -> tuple[float | None, bool | None]:
+    """num/den of two cost_to_target results; a lower bound when only num is a lower bound, unknown when den is."""
+    (a, a_lb, _), (b, b_lb, _) = num, den
+    if a is None or b is None or b <= 0:
+        return None, None
+    if b_lb:  # ours never reached the target: no ratio can be claimed
+        return None, None
+    return round(a / b, 2), a_lb
+
+
+def ratios(cost: dict[str, dict[str, tuple]]) -> dict[str, Any]:
+    """The comparison's ratios from per-system costs to one target (see ``cost_to_target``)."""
+    out: dict[str, Any] = {}
+    for name, num, den in (("vs_trl", "trl", "quickstart"), ("vs_onpolicy", "grpo_onpolicy", "quickstart"),
+                           ("onpolicy_vs_trl", "trl", "grpo_onpolicy")):
+        for key, metric in (("rollouts", "rollouts"), ("wallclock", "seconds"),
+                            ("wallclock_quiet", "quiet_seconds")):
+            prefix = "onpolicy_" if name == "onpolicy_vs_trl" else ""
+            suffix = "vs_trl" if name == "onpolicy_vs_trl" else name
+            value, lower = ratio(cost[num][metric], cost[den][metric])
+            out[f"{prefix}{key}_ratio_{suffix}"] = value
+            out[f"{prefix}{key}_ratio_{suffix}_is_lower_bound"] = lower
+    return out
+
+
+def generation_limit() -> dict[str, Any]:
+    """``generation_fraction_of_limit`` as measured by bench_generation.py (the issue wants it in this file too)."""
+    path = ROOT / "benchmarks" / "results" / "generation.json"
+    try:
+        gen = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"generation_fraction_of_limit": None, "generation_fraction_of_limit_source": "not measured yet"}
+    return {"generation_fraction_of_limit": gen.get("generation_fraction_of_limit"),
+            "generation_fraction_of_limit_source": f"{path.relative_to(ROOT)} ({gen.get('date')}, "
+                                                   f"short={gen.get('short')}; bench_generation.py)"}
+
+
+def mean(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--short", action="store_true",
+                    help="the `make bench` version (1 seed, ~1.5 min on idle cores)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: 1 with --short, else 3)")
+    ap.add_argument("--prompts-per-step", type=int, default=None)
+    ap.add_argument("--group-size", type=int, default=None)
+    ap.add_argument("--trl-budget-s", type=float, default=None, help="TRL's training-time budget per seed")
+    ap.add_argument("--ours-steps", type=str, default=None, help="RL steps of ONPOLICY,OFFPOLICY (e.g. 50,20)")
+    ap.add_argument("--trl-max-steps", type=int, default=None)
+    ap.add_argument("--gain", type=float, default=0.20, help="target = mean start accuracy + gain")
+    ap.add_argument("--work", type=Path, default=None, help="run folder (default runs/bench_trl/{short,full})")
+    ap.add_argument("--reuse", action="store_true",
+                    help="summarise finished runs found in --work instead of re-running them")
+    # internal: one system in its own process
+    ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--settings", type=str, help=argparse.SUPPRESS)
+    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--target", type=float, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.worker:
+        settings = json.loads(a.settings)
+        out = a.work / a.worker / f"seed{a.seed}"
+        if a.worker == "trl":
+            res = run_trl(a.seed, settings, out, a.target)
+        else:
+            res = run_ours(a.worker, a.seed, settings, out)
+        a.result.write_text(json.dumps(res, indent=2))
+        return
+
+    s = json.loads(json.dumps(SHORT if a.short else FULL))
+    if a.prompts_per_step:
+        s["prompts_per_step"] = a.prompts_per_step
+    if a.group_size:
+        s["group_size"] = a.group_size
+    if a.trl_budget_s:
+        s["trl_budget_s"] = a.trl_budget_s
+    if a.trl_max_steps:
+        s["trl_max_steps"] = a.trl_max_steps
+    if a.ours_steps:
+        on, off = (int(x) for x in a.ours_steps.split(","))
+        s["ours_steps"] = {"grpo_onpolicy": on, "quickstart": off}
+    seeds = a.seeds or (1 if a.short else 3)
+    a.work = a.work or ROOT / "runs" / "bench_trl" / ("short" if a.short else "full")
+    a.work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # the start accuracy (same weights and held-out set for all three) fixes the targets before any run;
+    # systems then alternate seed by seed, so a burst of other jobs on the shared cores is spread over them
+    starts = [start_accuracy(seed, s["eval_problems"]) for seed in range(seeds)]
+    start = mean(starts)
+    target = round(start + a.gain, 4)
+    gains = sorted({*GAINS, a.gain})
+    runs: dict[str, list[dict]] = {k: [] for k in SYSTEMS}
+    for seed in range(seeds):  # TRL runs on to the highest reported gain (or its budget), then stops
+        for k in SYSTEMS:
+            runs[k].append(spawn(k, seed, s, a.work, round(start + max(gains), 4) if k == "trl" else None, a.reuse))
+            if abs(runs[k][-1]["curve"][0]["acc"] - starts[seed]) > 1e-9:
+                print(f"[bench_trl] WARNING: {k} seed {seed} starts at {runs[k][-1]['curve'][0]['acc']:.4f}, "
+                      f"not {starts[seed]:.4f}", flush=True)
+    trl_start = mean([r["curve"][0]["acc"] for r in runs["trl"]])
+
+    cost = {k: {"rollouts": cost_to_target(runs[k], target, "rollouts", "rollouts"),
+                "seconds": cost_to_target(runs[k], target, "seconds", "train_seconds"),
+                "quiet_seconds": quiet_cost(runs[k], target)} for k in SYSTEMS}
+    headline = ratios(cost)
+    by_gain = []
+    for g in gains:
+        t = round(start + g, 4)
+        c = {k: {"rollouts": cost_to_target(runs[k], t, "rollouts", "rollouts"),
+                 "seconds": cost_to_target(runs[k], t, "seconds", "train_seconds"),
+                 "quiet_seconds": quiet_cost(runs[k], t)} for k in SYSTEMS}
+        by_gain.append({"gain": g, "target_accuracy": t,
+                        **{k: {"reached": sum(first_reach(r["curve"], t) is not None for r in runs[k]),
+                               "rollouts": c[k]["rollouts"][2], "seconds": [round(v, 2) for v in c[k]["seconds"][2]],
+                               "lower_bound": c[k]["rollouts"][1]} for k in SYSTEMS},
+                        **ratios(c)})
+
+    systems: dict[str, Any] = {}
+    for k in SYSTEMS:
+        rs = runs[k]
+        systems[k] = {
+            "reached_target": sum(first_reach(r["curve"], target) is not None for r in rs), "of": len(rs),
+            "rollouts_to_target": cost[k]["rollouts"][2],
+            "seconds_to_target": [round(v, 2) for v in cost[k]["seconds"][2]],
+            "to_target_is_lower_bound": cost[k]["rollouts"][1],
+            "median_step_s": [statistics.median(r["step_seconds"]) for r in rs],
+            "quiet_step_s": [quiet_step_s(r["step_seconds"]) for r in rs],
+            "disturbed_step_fraction": [round(disturbed_fraction(r["step_seconds"]), 3) for r in rs],
+            "quiet_seconds_to_target": [round(v, 2) for v in cost[k]["quiet_seconds"][2]],
+            "start_acc": [r["curve"][0]["acc"] for r in rs], "final_acc": [r["curve"][-1]["acc"] for r in rs],
+            "best_acc": [max(p["acc"] for p in r["curve"]) for r in rs],
+            "steps": [r["steps"] for r in rs], "rollouts": [r["rollouts"] for r in rs],
+            "train_seconds": [r["train_seconds"] for r in rs],
+            "rollout_tokens_per_s_whole_run": mean([r["rollout_tokens_per_s"] for r in rs]),
+            "learner_tokens_per_s_whole_run": mean([r["learner_tokens_per_s"] for r in rs]),
+            "rollout_tokens_per_s": mean([quiet_rate(r["rollout_tokens_per_s_per_step"]) for r in rs]),
+            "learner_tokens_per_s": mean([quiet_rate(r["learner_tokens_per_s_per_update"]) for r in rs]),
+            "seconds_per_step": mean([r["train_seconds"] / max(r["steps"], 1) for r in rs]),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "curves": [r["curve"] for r in rs],
+            "runs": rs,
+        }
+    disturbed = [k for k in SYSTEMS if max(systems[k]["disturbed_step_fraction"]) > 0.10]
+    if disturbed:
+        print(f"[bench_trl] WARNING: other jobs slowed over 10% of the steps of {disturbed}; "
+              "the quiet-cores wall-clock ratio is the one to read", flush=True)
+    m = machine()
+    m.update(runs["trl"][0].get("versions", {}))
+    payload = {
+        "benchmark": "trl_comparison", "short": a.short,
+        "command": " ".join(["PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py",
+                             *(x for x in sys.argv[1:] if x != "--reuse")]),
+        "summarised_from_earlier_runs": a.reuse,
+        "machine": m, "seeds": seeds,
+        "settings": {"task": TASK, "init": str(SFT.relative_to(ROOT)), "max_new_tokens": MAX_NEW_TOKENS,
+                     "temperature": TEMPERATURE, "lr": LR, **s},
+        "start_accuracy": start, "start_accuracy_per_seed": starts, "trl_start_accuracy": trl_start,
+        "target_accuracy": target, "target_rule": f"mean held-out greedy accuracy at the start of RL + {a.gain}",
+        "best_offpolicy_recipe": "quickstart",
+        **headline,
+        "ratio_definition": "TRL's (or on-policy's) mean cost to the target divided by ours; > 1 means we need less. "
+                            "A system that never reached the target is charged its whole budget (lower bound).",
+        **generation_limit(),
+        "disturbed_systems": disturbed,
+        "disturbed_note": ("wall-clock of these systems was measured while other jobs slowed over 10% of their "
+                           "steps: read wallclock_quiet_* rather than wallclock_*") if disturbed else None,
+        "rates_definition": "rollout tokens/s: response tokens generated (EOS included) per second of generation; "
+                            "learner tokens/s: response tokens in training batches per second of learning (ours: "
+                            "Learner.update = proximal forward if any, forward, backward, optimizer; TRL: step time "
+                            "minus generation = scoring, advantages, forward, backward, optimizer). Both are the "
+                            "median "
+                            "of the fastest quarter of steps (undisturbed cores); *_whole_run fields are run totals.",
+        "rollout_tokens_per_s": {k: systems[k]["rollout_tokens_per_s"] for k in SYSTEMS},
+        "learner_tokens_per_s": {k: systems[k]["learner_tokens_per_s"] for k in SYSTEMS},
+        "peak_rss_mb": {k: systems[k]["peak_rss_mb"] for k in SYSTEMS},
+        "by_gain": by_gain,
+        "systems": systems,
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "runs_seconds": round(sum(r.get("process_seconds", 0) + r.get("waited_for_quiet_s", 0)
+                                  for k in SYSTEMS for r in runs[k]), 1),
+    }
+    name = "trl_comparison" if a.short else "trl_comparison_full"
+    payload["plot"] = str(plot(payload, RESULTS / f"{name}.png").relative_to(ROOT))
+    path = write_json(name, payload)
+    print(report(payload))
+    print(f"[bench_trl] wrote {path} in {payload['total_seconds']} s")
+
+
+def plot(p: dict, path: Path) -> Path:
+    """Held-out greedy accuracy vs rollouts and vs training seconds, one line per system and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"trl": "TRL GRPOTrainer", "grpo_onpolicy": "offpolicy on-policy GRPO",
+             "quickstart": "offpolicy off-policy (quickstart)"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, xkey, xlabel in ((axes[0], "rollouts", "rollouts (completions sampled)"),
+                             (axes[1], "seconds", "training seconds (evaluation excluded)")):
+        for k, color in zip(SYSTEMS, ("tab:red", "tab:blue", "tab:green")):
+            for i, curve in enumerate(p["systems"][k]["curves"]):
+                ax.plot([c[xkey] for c in curve], [c["acc"] for c in curve], color=color, lw=1.2, alpha=0.8,
+                        label=names[k] if i == 0 else None)
+        ax.axhline(p["target_accuracy"], color="grey", ls="--", lw=1, label=f"target {p['target_accuracy']:.3f}")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out greedy accuracy")
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"2-digit addition, 0.41M tiny GPT from SFT, {p['settings']['prompts_per_step']} prompts x "
+                 f"{p['settings']['group_size']} per step, lr {p['settings']['lr']}, {p['seeds']} seed(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt_cost(sys_: dict, key: str) -> str:
+    vals = sys_["rollouts_to_target" if key == "rollouts" else "seconds_to_target"]
+    v = mean(vals)
+    if v is None:
+        return "—"
+    text = f"{v:,.0f}" if key == "rollouts" else f"{v:.1f}"
+    return ("> " + text) if sys_["to_target_is_lower_bound"] else text
+
+
+def report(p: dict) -> str:
+    names = {"trl": "TRL GRPOTrainer", "grpo_onpolicy": "offpolicy on-policy GRPO",
+             "quickstart": "offpolicy off-policy (quickstart)"}
+    rows = []
+    for k in SYSTEMS:
+        sy = p["systems"][k]
+        rows.append([names[k], f"{mean(sy['start_acc']):.3f}", f"{mean(sy['best_acc']):.3f}",
+                     f"{sy['reached_target']}/{sy['of']}", _fmt_cost(sy, "rollouts"), _fmt_cost(sy, "seconds"),
+                     f"{mean(sy['quiet_step_s']):.2f} ({mean(sy['median_step_s']):.2f})",
+                     f"{mean(sy['disturbed_step_fraction']):.0%}", f"{sy['rollout_tokens_per_s']:,.0f}",
+                     f"{sy['learner_tokens_per_s']:,.0f}", f"{sy['peak_rss_mb']:.0f}"])
+    table = markdown_table(["system", "start acc", "best acc", "reached", "rollouts to target", "train s to target",
+                            "quiet (median) s / step", "disturbed steps", "rollout tok/s", "learner tok/s",
+                            "peak RSS MB"], rows)
+    lb = lambda flag: " (lower bound)" if flag else ""  # noqa: E731
+    gain_rows = []
+    for g in p["by_gain"]:
+        cell = lambda k: ("> " if g[k]["lower_bound"] else "") + f"{mean(g[k]['rollouts']):,.0f}"  # noqa: E731
+        gain_rows.append([f"+{g['gain']:.2f} ({g['target_accuracy']:.3f})", cell("trl"), cell("grpo_onpolicy"),
+                          cell("quickstart"), g["rollouts_ratio_vs_trl"], g["wallclock_ratio_vs_trl"],
+                          g["wallclock_quiet_ratio_vs_trl"], g["rollouts_ratio_vs_onpolicy"]])
+    gains = markdown_table(["target", "TRL rollouts", "on-policy rollouts", "off-policy rollouts",
+                            "rollouts ratio vs TRL", "wall-clock ratio vs TRL", "(quiet cores)",
+                            "rollouts ratio vs on-policy"], gain_rows)
+    return (f"target held-out greedy accuracy {p['target_accuracy']:.3f} ({p['target_rule']})\n\n{table}\n\n{gains}\n\n"
+            f"rollouts ratio vs TRL: {p['rollouts_ratio_vs_trl']}{lb(p['rollouts_ratio_vs_trl_is_lower_bound'])}; "
+            f"wall-clock ratio vs TRL: {p['wallclock_ratio_vs_trl']}{lb(p['wallclock_ratio_vs_trl_is_lower_bound'])} "
+            f"(quiet cores: {p['wallclock_quiet_ratio_vs_trl']}"
+            f"{lb(p['wallclock_quiet_ratio_vs_trl_is_lower_bound'])}); "
+            f"rollouts ratio vs our on-policy: {p['rollouts_ratio_vs_onpolicy']}"
+            f"{lb(p['rollouts_ratio_vs_onpolicy_is_lower_bound'])}")
+
+
+if __name__ == "__main__":
+    main()
