@@ -316,7 +316,7 @@ def finish(run: Run) -> dict[str, Any]:
         "eval_problems": len(run.eval_problems),
         "rollouts": s["rollouts"],
         "rollout_tokens_per_s": s["rl_tokens"] / s["rl_gen_seconds"] if s["rl_gen_seconds"] else None,
-        "wall_seconds": round(run.elapsed(), 1),
+        "wall_seconds": round(run.elapsed(), 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "params": run.policy.num_params(),
         "checkpoint": str(run.out / "checkpoints" / "final"),
