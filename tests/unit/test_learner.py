@@ -152,7 +152,7 @@ def test_only_the_needed_forward_passes_run(tiny_policy, monkeypatch):
     assert len(calls) == 1  # no proximal pass, no reference model
     calls.clear()
     Learner(tiny_policy, rl(loss="ppo_clip"), total_updates=1).update(batch)
-    assert len(calls) == 2  # + the proximal old_logp pass
+    assert len(calls) == 1  # the proximal policy is the current one: its log-probs are the update's, detached
     calls.clear()
     learner = Learner(tiny_policy, rl(loss="ppo_clip", old_logp="behavior"), total_updates=1)
     learner.update(batch)
@@ -237,3 +237,27 @@ def test_schedules_are_step_based(tiny_policy, schedule, expected):
         opt.step()
         sched.step()
     assert lrs == pytest.approx(expected, abs=1e-4)
+
+
+def test_proximal_old_logp_reuses_the_update_forward_pass(tiny_policy, monkeypatch):
+    """Skipping the separate proximal pass changes nothing: same loss, ratio, gradient step."""
+    batch = rollout_batch(tiny_policy, shift=-0.3)
+    fast = Learner(tiny_policy.copy(requires_grad=True), rl(loss="ppo_clip"), total_updates=1)
+    slow = Learner(tiny_policy.copy(requires_grad=True), rl(loss="ppo_clip"), total_updates=1)
+    monkeypatch.setattr("offpolicy.train.learner.has_active_dropout", lambda model: True)  # forces the 2nd pass
+    m_slow = slow.update(batch)
+    monkeypatch.undo()
+    m_fast = fast.update(batch)
+    for key in ("loss/policy", "loss/ratio_mean", "loss/grad_norm"):
+        assert m_fast[key].item() == pytest.approx(m_slow[key].item(), rel=1e-5, abs=1e-7)
+    for a, b in zip(fast.policy.parameters(), slow.policy.parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_dropout_in_training_mode_keeps_the_proximal_pass():
+    from offpolicy.train.learner import has_active_dropout
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    assert has_active_dropout(model)
+    assert not has_active_dropout(model.eval())
+    assert not has_active_dropout(torch.nn.Sequential(torch.nn.Dropout(0.0)).train())

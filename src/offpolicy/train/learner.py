@@ -79,6 +79,15 @@ def optimizer_step(policy: Policy, loss: torch.Tensor, opt, sched, grad_clip: fl
     return norm.detach()
 
 
+PROXIMAL_IS_CURRENT = object()  # marker: old_logp = the update's own log-probs, detached
+
+
+def has_active_dropout(model: torch.nn.Module) -> bool:
+    """True if a forward pass is random (a dropout layer with p > 0 in training mode)."""
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training
+               for m in model.modules())
+
+
 CONTROLLERS = {  # recipe name -> (class, what it drives)
     "chord_mu": ChordMuSchedule,  # loss_params["mu"] of `chord`, stepped every update
     "mdpo_anneal": MdpoAnneal,  # loss_params["kl_coef"] of `mdpo`, stepped every rollout step
@@ -135,9 +144,11 @@ class Learner:
         """Advantages, loss and one optimizer step on ``batch``; returns detached metric tensors."""
         cfg = self.cfg
         old_logp, ref_logp = self._anchor_logprobs(batch)
-        advantages = self._advantages(batch, old_logp)  # (B, T)
         logp, entropy = self.policy.response_logprobs(
             batch.input_ids, batch.attention_mask, batch.prompt_len, self.temperature, with_entropy=True)
+        if old_logp is PROXIMAL_IS_CURRENT:  # same weights, no dropout: a second forward pass would be identical
+            old_logp = logp.detach()
+        advantages = self._advantages(batch, old_logp)  # (B, T)
         available = {"old_logp": old_logp, "behavior_logp": batch.behavior_logp, "ref_logp": ref_logp,
                      "is_expert": batch.is_expert, "rewards": batch.rewards, "group_index": batch.group_index}
         inputs = {k: v for k, v in available.items() if k in self.needs or (k in self.optional and v is not None)}
@@ -249,9 +260,12 @@ class Learner:
                 old = batch.behavior_logp
             else:
                 ewma = self.controllers.get("ewma_proximal")
-                prox = Policy(ewma.module, self.policy.tokenizer, self.policy.kind) if ewma else self.policy
-                old, _ = prox.response_logprobs(batch.input_ids, batch.attention_mask, batch.prompt_len,
-                                                self.temperature)
+                if ewma is None and not has_active_dropout(self.policy.model):
+                    old = PROXIMAL_IS_CURRENT  # the update's own forward pass gives it (see update)
+                else:
+                    prox = Policy(ewma.module, self.policy.tokenizer, self.policy.kind) if ewma else self.policy
+                    old, _ = prox.response_logprobs(batch.input_ids, batch.attention_mask, batch.prompt_len,
+                                                    self.temperature)
         if self.ref_policy is not None:
             ref, _ = self.ref_policy.response_logprobs(batch.input_ids, batch.attention_mask, batch.prompt_len,
                                                        self.temperature)
