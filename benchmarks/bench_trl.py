@@ -60,15 +60,22 @@ from common import RESULTS, machine, markdown_table, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT = ROOT / "tests" / "fixtures" / "tiny_addition_sft"
-RECIPES = {"grpo_onpolicy": ROOT / "recipes" / "grpo_onpolicy.yaml", "quickstart": ROOT / "recipes" / "quickstart.yaml"}
-SYSTEMS = ("trl", "grpo_onpolicy", "quickstart")
+RECIPES = {name: ROOT / "recipes" / f"{name}.yaml" for name in ("grpo_onpolicy", "quickstart", "topr_reuse")}
+OFFPOLICY = ("quickstart", "topr_reuse")  # our off-policy recipes in the comparison
+HEADLINE = "topr_reuse"  # declared before any run: its ratios are the headline keys (no pick-the-best after the fact)
+SYSTEMS = ("trl", "grpo_onpolicy", *OFFPOLICY)
+NAMES = {"trl": "TRL GRPOTrainer", "grpo_onpolicy": "offpolicy on-policy GRPO",
+         "quickstart": "offpolicy off-policy (quickstart)", "topr_reuse": "offpolicy off-policy (topr_reuse)"}
+COLORS = {"trl": "tab:red", "grpo_onpolicy": "tab:blue", "quickstart": "tab:green", "topr_reuse": "tab:purple"}
 GAINS = (0.10, 0.20, 0.30)  # targets reported from the same runs (the headline is --gain, default 0.20)
 TASK = {"name": "addition", "params": {"min_digits": 2, "max_digits": 2}}
 MAX_NEW_TOKENS, TEMPERATURE, LR = 6, 1.0, 1e-4
 
 SHORT = {"prompts_per_step": 128, "group_size": 8, "eval_problems": 300, "eval_every": 1,
-         "ours_steps": {"grpo_onpolicy": 60, "quickstart": 30}, "trl_budget_s": 240.0, "trl_max_steps": 400}
-FULL = {**SHORT, "ours_steps": {"grpo_onpolicy": 100, "quickstart": 40}, "trl_budget_s": 400.0, "trl_max_steps": 800}
+         "ours_steps": {"grpo_onpolicy": 60, "quickstart": 30, "topr_reuse": 12}, "trl_budget_s": 240.0,
+         "trl_max_steps": 400}
+FULL = {**SHORT, "ours_steps": {"grpo_onpolicy": 100, "quickstart": 40, "topr_reuse": 20}, "trl_budget_s": 400.0,
+        "trl_max_steps": 800}
 
 
 def start_accuracy(seed: int, n: int) -> float:
@@ -125,8 +132,9 @@ def run_ours(label: str, seed: int, s: dict[str, Any], out: Path) -> dict[str, A
                  f"run.seed={seed}", f"run.out_dir={out}", f"run.name=bench_trl/{label}/seed{seed}"]
     if label == "quickstart":  # keep the recipe's reuse: 4 updates x (P/2) groups per P new groups
         overrides.append(f"rl.groups_per_update={P // 2}")
-    else:
+    elif label == "grpo_onpolicy":
         overrides.append(f"rl.groups_per_update={P}")
+    # topr_reuse keeps its own minibatch (16 groups) and updates per step (32) whatever P is
     cfg = load_config(RECIPES[label], overrides)
     if out.exists():
         shutil.rmtree(out)
@@ -438,10 +446,11 @@ def ratio(num: tuple, den: tuple) -> tuple[float | None, bool | None]:
     return round(a / b, 2), a_lb
 
 
-def ratios(cost: dict[str, dict[str, tuple]]) -> dict[str, Any]:
-    """The comparison's ratios from per-system costs to one target (see ``cost_to_target``)."""
+def ratios(cost: dict[str, dict[str, tuple]], off: str) -> dict[str, Any]:
+    """The comparison's ratios for off-policy recipe ``off`` from per-system costs to one target (see
+    ``cost_to_target``)."""
     out: dict[str, Any] = {}
-    for name, num, den in (("vs_trl", "trl", "quickstart"), ("vs_onpolicy", "grpo_onpolicy", "quickstart"),
+    for name, num, den in (("vs_trl", "trl", off), ("vs_onpolicy", "grpo_onpolicy", off),
                            ("onpolicy_vs_trl", "trl", "grpo_onpolicy")):
         for key, metric in (("rollouts", "rollouts"), ("wallclock", "seconds"),
                             ("wallclock_quiet", "quiet_seconds")):
@@ -478,7 +487,10 @@ def main() -> None:
     ap.add_argument("--prompts-per-step", type=int, default=None)
     ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--trl-budget-s", type=float, default=None, help="TRL's training-time budget per seed")
-    ap.add_argument("--ours-steps", type=str, default=None, help="RL steps of ONPOLICY,OFFPOLICY (e.g. 50,20)")
+    ap.add_argument("--ours-steps", type=str, default=None,
+                    help="RL steps per recipe, e.g. grpo_onpolicy=50,quickstart=20,topr_reuse=10")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds first..first+N-1 (e.g. 3 to check recipes on seeds they were not tuned on)")
     ap.add_argument("--trl-max-steps", type=int, default=None)
     ap.add_argument("--gain", type=float, default=0.20, help="target = mean start accuracy + gain")
     ap.add_argument("--work", type=Path, default=None, help="run folder (default runs/bench_trl/{short,full})")
@@ -512,32 +524,37 @@ def main() -> None:
     if a.trl_max_steps:
         s["trl_max_steps"] = a.trl_max_steps
     if a.ours_steps:
-        on, off = (int(x) for x in a.ours_steps.split(","))
-        s["ours_steps"] = {"grpo_onpolicy": on, "quickstart": off}
-    seeds = a.seeds or (1 if a.short else 3)
+        for item in a.ours_steps.split(","):
+            label, _, steps = item.partition("=")
+            if label not in RECIPES or not steps.isdigit():
+                ap.error(f"--ours-steps: {item!r} is not RECIPE=STEPS with RECIPE in {sorted(RECIPES)}")
+            s["ours_steps"][label] = int(steps)
+    n_seeds = a.seeds or (1 if a.short else 3)
+    seed_list = list(range(a.first_seed, a.first_seed + n_seeds))
     a.work = a.work or ROOT / "runs" / "bench_trl" / ("short" if a.short else "full")
     a.work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
     # the start accuracy (same weights and held-out set for all three) fixes the targets before any run;
     # systems then alternate seed by seed, so a burst of other jobs on the shared cores is spread over them
-    starts = [start_accuracy(seed, s["eval_problems"]) for seed in range(seeds)]
+    starts = [start_accuracy(seed, s["eval_problems"]) for seed in seed_list]
     start = mean(starts)
     target = round(start + a.gain, 4)
     gains = sorted({*GAINS, a.gain})
     runs: dict[str, list[dict]] = {k: [] for k in SYSTEMS}
-    for seed in range(seeds):  # TRL runs on to the highest reported gain (or its budget), then stops
+    for seed, seed_start in zip(seed_list, starts):  # TRL runs on to the highest reported gain (or its budget)
         for k in SYSTEMS:
             runs[k].append(spawn(k, seed, s, a.work, round(start + max(gains), 4) if k == "trl" else None, a.reuse))
-            if abs(runs[k][-1]["curve"][0]["acc"] - starts[seed]) > 1e-9:
+            if abs(runs[k][-1]["curve"][0]["acc"] - seed_start) > 1e-9:
                 print(f"[bench_trl] WARNING: {k} seed {seed} starts at {runs[k][-1]['curve'][0]['acc']:.4f}, "
-                      f"not {starts[seed]:.4f}", flush=True)
+                      f"not {seed_start:.4f}", flush=True)
     trl_start = mean([r["curve"][0]["acc"] for r in runs["trl"]])
 
     cost = {k: {"rollouts": cost_to_target(runs[k], target, "rollouts", "rollouts"),
                 "seconds": cost_to_target(runs[k], target, "seconds", "train_seconds"),
                 "quiet_seconds": quiet_cost(runs[k], target)} for k in SYSTEMS}
-    headline = ratios(cost)
+    headline = ratios(cost, HEADLINE)
+    per_recipe = {off: ratios(cost, off) for off in OFFPOLICY}
     by_gain = []
     for g in gains:
         t = round(start + g, 4)
@@ -548,7 +565,7 @@ def main() -> None:
                         **{k: {"reached": sum(first_reach(r["curve"], t) is not None for r in runs[k]),
                                "rollouts": c[k]["rollouts"][2], "seconds": [round(v, 2) for v in c[k]["seconds"][2]],
                                "lower_bound": c[k]["rollouts"][1]} for k in SYSTEMS},
-                        **ratios(c)})
+                        **ratios(c, HEADLINE), "by_recipe": {off: ratios(c, off) for off in OFFPOLICY}})
 
     systems: dict[str, Any] = {}
     for k in SYSTEMS:
@@ -586,13 +603,16 @@ def main() -> None:
         "command": " ".join(["PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py",
                              *(x for x in sys.argv[1:] if x != "--reuse")]),
         "summarised_from_earlier_runs": a.reuse,
-        "machine": m, "seeds": seeds,
+        "machine": m, "seeds": len(seed_list), "seed_list": seed_list,
         "settings": {"task": TASK, "init": str(SFT.relative_to(ROOT)), "max_new_tokens": MAX_NEW_TOKENS,
                      "temperature": TEMPERATURE, "lr": LR, **s},
         "start_accuracy": start, "start_accuracy_per_seed": starts, "trl_start_accuracy": trl_start,
         "target_accuracy": target, "target_rule": f"mean held-out greedy accuracy at the start of RL + {a.gain}",
-        "best_offpolicy_recipe": "quickstart",
+        "best_offpolicy_recipe": HEADLINE,
+        "headline_note": f"the headline ratios are {HEADLINE}'s, declared before the runs; ratios_by_recipe has "
+                         "every off-policy recipe's",
         **headline,
+        "ratios_by_recipe": per_recipe,
         "ratio_definition": "TRL's (or on-policy's) mean cost to the target divided by ours; > 1 means we need less. "
                             "A system that never reached the target is charged its whole budget (lower bound).",
         **generation_limit(),
@@ -614,7 +634,7 @@ def main() -> None:
         "runs_seconds": round(sum(r.get("process_seconds", 0) + r.get("waited_for_quiet_s", 0)
                                   for k in SYSTEMS for r in runs[k]), 1),
     }
-    name = "trl_comparison" if a.short else "trl_comparison_full"
+    name = ("trl_comparison" if a.short else "trl_comparison_full") + (f"_from_seed{a.first_seed}" if a.first_seed else "")
     payload["plot"] = str(plot(payload, RESULTS / f"{name}.png").relative_to(ROOT))
     path = write_json(name, payload)
     print(report(payload))
@@ -628,15 +648,13 @@ def plot(p: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = {"trl": "TRL GRPOTrainer", "grpo_onpolicy": "offpolicy on-policy GRPO",
-             "quickstart": "offpolicy off-policy (quickstart)"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, xkey, xlabel in ((axes[0], "rollouts", "rollouts (completions sampled)"),
                              (axes[1], "seconds", "training seconds (evaluation excluded)")):
-        for k, color in zip(SYSTEMS, ("tab:red", "tab:blue", "tab:green")):
+        for k in SYSTEMS:
             for i, curve in enumerate(p["systems"][k]["curves"]):
-                ax.plot([c[xkey] for c in curve], [c["acc"] for c in curve], color=color, lw=1.2, alpha=0.8,
-                        label=names[k] if i == 0 else None)
+                ax.plot([c[xkey] for c in curve], [c["acc"] for c in curve], color=COLORS[k], lw=1.2, alpha=0.8,
+                        label=NAMES[k] if i == 0 else None)
         ax.axhline(p["target_accuracy"], color="grey", ls="--", lw=1, label=f"target {p['target_accuracy']:.3f}")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -660,8 +678,7 @@ def _fmt_cost(sys_: dict, key: str) -> str:
 
 
 def report(p: dict) -> str:
-    names = {"trl": "TRL GRPOTrainer", "grpo_onpolicy": "offpolicy on-policy GRPO",
-             "quickstart": "offpolicy off-policy (quickstart)"}
+    names = NAMES
     rows = []
     for k in SYSTEMS:
         sy = p["systems"][k]
@@ -677,13 +694,17 @@ def report(p: dict) -> str:
     gain_rows = []
     for g in p["by_gain"]:
         cell = lambda k: ("> " if g[k]["lower_bound"] else "") + f"{mean(g[k]['rollouts']):,.0f}"  # noqa: E731
-        gain_rows.append([f"+{g['gain']:.2f} ({g['target_accuracy']:.3f})", cell("trl"), cell("grpo_onpolicy"),
-                          cell("quickstart"), g["rollouts_ratio_vs_trl"], g["wallclock_ratio_vs_trl"],
-                          g["wallclock_quiet_ratio_vs_trl"], g["rollouts_ratio_vs_onpolicy"]])
-    gains = markdown_table(["target", "TRL rollouts", "on-policy rollouts", "off-policy rollouts",
+        for off in OFFPOLICY:
+            r = g["by_recipe"][off]
+            gain_rows.append([f"+{g['gain']:.2f} ({g['target_accuracy']:.3f})", off, cell("trl"),
+                              cell("grpo_onpolicy"), cell(off), r["rollouts_ratio_vs_trl"],
+                              r["wallclock_ratio_vs_trl"], r["wallclock_quiet_ratio_vs_trl"],
+                              r["rollouts_ratio_vs_onpolicy"]])
+    gains = markdown_table(["target", "recipe", "TRL rollouts", "on-policy rollouts", "recipe's rollouts",
                             "rollouts ratio vs TRL", "wall-clock ratio vs TRL", "(quiet cores)",
                             "rollouts ratio vs on-policy"], gain_rows)
-    return (f"target held-out greedy accuracy {p['target_accuracy']:.3f} ({p['target_rule']})\n\n{table}\n\n{gains}\n\n"
+    return (f"headline recipe: {p['best_offpolicy_recipe']}\n"
+            f"target held-out greedy accuracy {p['target_accuracy']:.3f} ({p['target_rule']})\n\n{table}\n\n{gains}\n\n"
             f"rollouts ratio vs TRL: {p['rollouts_ratio_vs_trl']}{lb(p['rollouts_ratio_vs_trl_is_lower_bound'])}; "
             f"wall-clock ratio vs TRL: {p['wallclock_ratio_vs_trl']}{lb(p['wallclock_ratio_vs_trl_is_lower_bound'])} "
             f"(quiet cores: {p['wallclock_quiet_ratio_vs_trl']}"

@@ -53,3 +53,17 @@ def test_sft_stage_learns_from_expert_solutions(tmp_path):
     before_rl = next(r for r in evals if r.get("eval_point") == "before_rl")
     assert summary["accuracy_before_sft"] == 0.0
     assert before_rl["eval/pass_at_k"] >= 0.15, before_rl  # a random model solves ~nothing
+
+
+@pytest.mark.slow
+def test_topr_reuse_learns_from_two_rollout_steps(tmp_path):
+    """Heavy reuse (32 small TOPR updates per rollout step) gains >= 10 points from 2 x 1,024 rollouts."""
+    cfg = load_config(ROOT / "recipes" / "topr_reuse.yaml", [
+        f"run.out_dir={tmp_path}", "run.progress=false", "run.threads=1", "run.checkpoint_every=0",
+        f"policy.init={SFT_CKPT}", "sft.steps=0", "rl.steps=2", "eval.every=0", "eval.n_problems=300",
+        "eval.samples=0",
+    ])
+    summary = train(cfg)
+    before, after = summary["accuracy_before_rl"], summary["accuracy_after_rl"]
+    assert summary["rollouts"] == 2 * 128 * 8
+    assert after - before >= 0.10, f"{before:.3f} -> {after:.3f}"
