@@ -245,6 +245,7 @@ def run_rl(run: Run) -> None:
             "train/updates": torch.tensor(float(len(update_metrics))), "train/version": torch.tensor(float(learner.version)),
             "time/rollout_s": torch.tensor(t1 - t0), "time/learn_s": torch.tensor(t2 - t1),
             "time/step_s": torch.tensor(time.perf_counter() - t0),
+            "mem/rss_mb": torch.tensor(current_rss_mb()),
         })
         metrics = to_floats(metrics)
         run.state["step"] = step + 1
@@ -288,6 +289,15 @@ def checkpoint(run: Run, stage_state: dict | None, name: str | None = None) -> P
     state = {**run.state, "elapsed": run.elapsed()}
     name = name or f"step_{run.state['stage']}_{run.state['step']:06d}"
     return save_checkpoint(run.out / "checkpoints", name, run.policy, state)
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (Linux /proc; 0.0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def peak_rss_mb() -> float:
