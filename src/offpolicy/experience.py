@@ -101,46 +101,40 @@ class Batch:
 
 
 def collate(experiences: Sequence[Experience], pad_id: int) -> Batch:
-    """Pack experiences into a :class:`Batch` (left-padded prompts, right-padded responses)."""
+    """Pack experiences into a :class:`Batch` (left-padded prompts, right-padded responses).
+
+    Rows are padded as Python lists and each field becomes one tensor (no per-row tensor ops:
+    collating is on the learner's path once per update)."""
     if not experiences:
         raise ValueError("collate() needs at least one experience")
-    B = len(experiences)
     P = max(len(e.prompt_ids) for e in experiences)
     T = max(1, max(len(e.response_ids) for e in experiences))
-    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, P + T), dtype=torch.bool)
-    mask = torch.zeros((B, T))
-    blogp = torch.zeros((B, T))
-    versions = torch.zeros((B, T), dtype=torch.long)
-    has_b = torch.zeros(B, dtype=torch.bool)
-    group_keys: dict[str, int] = {}
-    group_index = torch.zeros(B, dtype=torch.long)
-    for i, e in enumerate(experiences):
+    ids, attention, mask, blogp, versions = [], [], [], [], []
+    for e in experiences:
         p, n = len(e.prompt_ids), len(e.response_ids)
-        input_ids[i, P - p : P] = torch.tensor(e.prompt_ids, dtype=torch.long)
-        attention[i, P - p : P] = True
-        if n:
-            input_ids[i, P : P + n] = torch.tensor(e.response_ids, dtype=torch.long)
-            attention[i, P : P + n] = True
-            mask[i, :n] = torch.tensor(e.response_mask, dtype=torch.float)
-            v = e.policy_version
-            versions[i, :n] = torch.tensor(v) if isinstance(v, list) else int(v)
-        if e.behavior_logprobs is not None:
-            has_b[i] = True
-            blogp[i, :n] = torch.tensor(e.behavior_logprobs, dtype=torch.float)
-        key = e.group_id or f"__row{i}"
-        group_index[i] = group_keys.setdefault(key, len(group_keys))
+        pad_p, pad_r = P - p, T - n
+        ids.append([pad_id] * pad_p + list(e.prompt_ids) + list(e.response_ids) + [pad_id] * pad_r)
+        attention.append([False] * pad_p + [True] * (p + n) + [False] * pad_r)
+        mask.append(list(e.response_mask[:n]) + [0.0] * pad_r)
+        v = e.policy_version
+        versions.append((list(v) if isinstance(v, list) else [int(v)] * n) + [0] * pad_r)
+        b = e.behavior_logprobs
+        blogp.append((list(b) + [0.0] * (T - len(b))) if b is not None else [0.0] * T)
+    has_b = torch.tensor([e.behavior_logprobs is not None for e in experiences])
+    group_keys: dict[str, int] = {}
+    group_index = [group_keys.setdefault(e.group_id or f"__row{i}", len(group_keys)) for i, e in enumerate(experiences)]
+    input_ids = torch.tensor(ids, dtype=torch.long)
     return Batch(
         input_ids=input_ids,
-        attention_mask=attention,
+        attention_mask=torch.tensor(attention, dtype=torch.bool),
         response_ids=input_ids[:, P:].clone(),
-        mask=mask,
-        behavior_logp=blogp if bool(has_b.all()) else None,
+        mask=torch.tensor(mask, dtype=torch.float),
+        behavior_logp=torch.tensor(blogp, dtype=torch.float) if bool(has_b.all()) else None,
         has_behavior=has_b,
         rewards=torch.tensor([float(e.reward) for e in experiences]),
-        versions=versions,
+        versions=torch.tensor(versions, dtype=torch.long),
         is_expert=torch.tensor([e.source in ("expert", "offline") for e in experiences]),
-        group_index=group_index,
+        group_index=torch.tensor(group_index, dtype=torch.long),
         prompt_len=P,
         behavior_train_logp=_per_token(experiences, "behavior_train_logprobs", T, torch.float),
         token_rewards=_per_token(experiences, "token_rewards", T, torch.float),
@@ -153,11 +147,7 @@ def _per_token(experiences: Sequence[Experience], name: str, T: int, dtype) -> t
     rows = [getattr(e, name) for e in experiences]
     if any(r is None for r in rows):
         return None
-    out = torch.zeros((len(rows), T), dtype=dtype)
-    for i, r in enumerate(rows):
-        if r:
-            out[i, : len(r)] = torch.tensor(r, dtype=dtype)
-    return out
+    return torch.tensor([list(r) + [0] * (T - len(r)) for r in rows], dtype=dtype)
 
 
 def write_experiences(path, experiences: Sequence[Experience]) -> None:

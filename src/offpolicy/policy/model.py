@@ -57,7 +57,7 @@ class Policy:
         match its behaviour log-probs (top-p, if the engine used it, is not re-applied here:
         its effect shows up in the training-inference mismatch term).
         """
-        logits = self.logits(input_ids, attention_mask)[:, prompt_len - 1 : -1].float()  # (B, T, V)
+        logits = self.response_logits(input_ids, attention_mask, prompt_len).float()  # (B, T, V)
         if temperature != 1.0:
             logits = logits / temperature
         logprobs = F.log_softmax(logits, dim=-1)
@@ -67,6 +67,17 @@ class Policy:
         if with_entropy:
             entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, T)
         return logp, entropy
+
+    def response_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """Logits (B, T, V) that predict the response tokens. Rows sharing a prompt (a GRPO group) run
+        it once on the tiny GPT (``offpolicy.policy.prefix``); otherwise one plain forward pass."""
+        if self.kind == "tiny" and input_ids.shape[0] > 1 and prompt_len > 0:
+            from offpolicy.policy.prefix import shared_prompt_logits, unique_prompts
+
+            groups = unique_prompts(input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
+            if len(groups[0]) < input_ids.shape[0]:
+                return shared_prompt_logits(self.model, input_ids, attention_mask, prompt_len, groups)
+        return self.logits(input_ids, attention_mask)[:, prompt_len - 1 : -1]
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def parameters(self):
