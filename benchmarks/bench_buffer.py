@@ -10,8 +10,10 @@ responses, the buffer's unit). For each size N the buffer is filled to N experie
 - ``add``           one more group into a full buffer (``capacity`` = N groups, so the oldest leaves);
 - ``sample_*``      ``sample(64 groups)`` — what one quickstart update draws — with every registered
                     sampler (``offpolicy.data.sampling.SAMPLERS``, default parameters), every group
-                    inside the staleness bound (the scan runs, nothing is evicted);
-- ``evict_stale``   the staleness scan alone, with nothing to evict;
+                    inside the staleness bound (the staleness check runs, nothing is evicted);
+- ``first_sample_*`` the first of those calls alone: it builds the sampler's index over the N stored
+                    groups (once per buffer, and again after a compaction), timed once;
+- ``evict_stale``   the staleness check alone, with nothing to evict;
 - ``state_dict``    the buffer's part of a checkpoint (sizes up to 100k only).
 
 Memory: ``tracemalloc`` counts every byte Python allocates while the experiences are built and added
@@ -86,6 +88,9 @@ def bench_size(pool: list[Group], n_exp: int, min_seconds: float, with_state: bo
         buf = ReplayBuffer(capacity=n_groups, sampling=sampling, max_staleness=10**9, seed=0)
         for g in pool[:n_groups]:
             buf.add(g)
+        t0 = time.perf_counter()
+        buf.sample(SAMPLE_GROUPS, current_version=now)
+        row[f"first_sample_{sampling}_ms"] = (time.perf_counter() - t0) * 1e3
         extra = itertools.cycle(pool)  # groups to add into the full buffer (the oldest leaves)
 
         def add_many(k: int = 1_000) -> None:
@@ -99,8 +104,9 @@ def bench_size(pool: list[Group], n_exp: int, min_seconds: float, with_state: bo
                                               min_seconds / 4, min_calls=3) * 1e3
         if sampling == "uniform" and with_state:
             row["state_dict_s"] = per_op(buf.state_dict, 0, min_calls=1)
-        for g in pool[:n_groups]:
-            g.uses = 0  # the pool is shared between buffers
+        for g in pool[:n_groups]:  # the pool is shared between buffers: each one starts from fresh groups
+            g.uses = 0
+            g.__dict__.pop("mean_reward", None)  # the cached mean reward (functools.cached_property)
     return row
 
 
@@ -169,6 +175,10 @@ def main() -> None:
         [[f"{r['experiences']:,}", f"{r['add_us']:.2f} µs", f"{r['evict_stale_ms']:.2f} ms"]
          + [f"{r[k]:.2f} ms" for k in sample_keys]
          + [f"{r['state_dict_s']:.2f} s" if "state_dict_s" in r else "—"] for r in rows]))
+    print()
+    first_keys = [k for k in rows[0] if k.startswith("first_sample_")]
+    print(markdown_table(["experiences"] + [f"first sample 64, {k[13:-3]}" for k in first_keys],
+                         [[f"{r['experiences']:,}"] + [f"{r[k]:.2f} ms" for k in first_keys] for r in rows]))
     print()
     print(markdown_table(["experiences", "bytes / experience (tracemalloc)", "tokens / experience"],
                          [[f"{m['experiences']:,}", f"{m['bytes_per_experience']:,}", m["tokens_per_experience"]]
