@@ -9,7 +9,9 @@ import torch
 
 from offpolicy.experience import Experience, collate
 from offpolicy.policy.model import Policy
-from offpolicy.rollout.engines import Generation, SamplingParams, TinyEngine, make_engine, sample_tokens
+from offpolicy.rollout.engines import (
+    Generation, SamplingParams, TinyEngine, _lengths, _sample_padded, _sample_unpadded, make_engine, sample_tokens,
+)
 
 PROMPTS = ["12+345=", "7+8=", "99+1=", "3+40="]
 
@@ -91,8 +93,11 @@ class EosFrom(torch.nn.Module):
         self.inner, self.cfg, self.eos_id, self.start = model, model.cfg, eos_id, start
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        past = cache.len if cache is not None else 0
         logits = self.inner(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
-        if position_ids is None:  # the prompt pass: positions as TinyGPT derives them
+        if attention_mask is None and position_ids is None:  # unpadded rows: positions follow the cache
+            position_ids = torch.arange(past, past + input_ids.shape[1])[None]
+        elif position_ids is None:  # the padded prompt pass: positions as TinyGPT derives them
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         logits[..., self.eos_id] = torch.where(position_ids >= self.start, 1e4, -1e4)
         return logits
@@ -195,3 +200,118 @@ def test_top_p_behaviour_logprobs_are_under_the_truncated_distribution(tiny_poli
 def test_generation_dataclass_fields():
     g = Generation([5, 2], [-0.1, -0.2], True)
     assert g.response_ids == [5, 2] and g.finished
+
+
+# ---- the unpadded fast path ---------------------------------------------------------------------
+def _equal_length_prompts(policy):
+    prompts = [policy.tokenizer.encode(p) for p in ["12+34=", "7+890=", "99+11=", "3+400="]] * 2
+    assert len({len(p) for p in prompts}) == 1
+    return prompts
+
+
+class EosBoost(torch.nn.Module):
+    """The tiny GPT with ``boost`` added to the EOS logit: sampled rows stop after different numbers of tokens."""
+
+    def __init__(self, model, eos_id: int, boost: float = 3.5) -> None:
+        super().__init__()
+        self.inner, self.cfg, self.eos_id, self.boost = model, model.cfg, eos_id, boost
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        logits = self.inner(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        logits[..., self.eos_id] += self.boost
+        return logits
+
+
+def _likely_eos(policy):
+    """The tiny policy with EOS at roughly 1 in 4 per token (the untrained model is close to uniform)."""
+    return Policy(EosBoost(policy.model, policy.tokenizer.eos_id), policy.tokenizer, "tiny")
+
+
+@pytest.mark.parametrize("eos_likely", [False, True])
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=0.7),
+    SamplingParams(max_new_tokens=8, top_p=0.5), SamplingParams(max_new_tokens=8, greedy=True),
+])
+def test_unpadded_fast_path_samples_what_the_padded_path_samples(tiny_policy, params, eos_likely):
+    policy = _likely_eos(tiny_policy) if eos_likely else tiny_policy
+    model, tok = policy.model.eval(), policy.tokenizer
+    prompts = _equal_length_prompts(policy)
+    with torch.inference_mode():
+        fast = _sample_unpadded(model, prompts, params, torch.Generator().manual_seed(3), tok.eos_id)
+        padded = _sample_padded(model, prompts, params, torch.Generator().manual_seed(3), tok.pad_id, tok.eos_id)
+    (f_tok, f_lp, f_len), (p_tok, p_lp, p_len) = fast, padded
+    assert torch.equal(f_len, p_len)
+    if eos_likely and not params.greedy:
+        assert len(set(f_len.tolist())) > 1  # rows stopped at different steps, some before the last
+    for i, n in enumerate(f_len.tolist()):
+        assert f_tok[i, :n].tolist() == p_tok[i, :n].tolist()
+        assert torch.allclose(f_lp[i, :n], p_lp[i, :n], atol=1e-5)
+
+
+def test_generate_takes_the_fast_path_only_for_equal_lengths(tiny_policy, monkeypatch):
+    import offpolicy.rollout.engines as engines
+
+    calls = []
+    for name in ("_sample_unpadded", "_sample_padded"):
+        real = getattr(engines, name)
+        monkeypatch.setattr(engines, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    engine = TinyEngine(tiny_policy)
+    params = SamplingParams(max_new_tokens=3)
+    engine.generate(_equal_length_prompts(tiny_policy), params, seed=0)
+    engine.generate(_prompts(tiny_policy), params, seed=0)
+    engine.generate([tiny_policy.tokenizer.encode("1+1=")], params, seed=0)
+    assert calls == ["_sample_unpadded", "_sample_padded", "_sample_unpadded"]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=0.6),
+                                    SamplingParams(max_new_tokens=8, temperature=1.7)])
+def test_fast_path_logprobs_equal_the_learners_logprobs(tiny_policy, params):
+    prompts = _equal_length_prompts(tiny_policy)
+    gens = TinyEngine(tiny_policy).generate(prompts, params, seed=0)
+    learner, behaviour = _learner_logprobs(tiny_policy, prompts, gens, params.temperature)
+    assert torch.allclose(learner, behaviour, atol=1e-5)
+    assert (behaviour < 0).any()
+
+
+def test_fast_path_eos_lengths_and_finished_flags(tiny_policy):
+    policy = _likely_eos(tiny_policy)
+    eos = policy.tokenizer.eos_id
+    # distinct prompts: the learner's shared-prompt path (rows with one prompt) needs the bare TinyGPT, not EosBoost
+    prompts = [policy.tokenizer.encode(f"{10 + i}+{60 + i}=") for i in range(32)]
+    engine = TinyEngine(policy)
+    gens = engine.generate(prompts, SamplingParams(max_new_tokens=8), seed=0)
+    assert {g.finished for g in gens} == {True, False}
+    for g in gens:
+        assert len(g.response_ids) == len(g.logprobs) <= 8
+        assert g.finished == (g.response_ids[-1] == eos)
+        assert eos not in g.response_ids[:-1]
+        assert g.finished or len(g.response_ids) == 8
+    assert engine.tokens_generated == sum(len(g.response_ids) for g in gens)
+    learner, behaviour = _learner_logprobs(policy, prompts, gens, 1.0)
+    assert torch.allclose(learner, behaviour, atol=1e-5)
+
+
+def test_fast_path_greedy_picks_the_argmax_and_respects_max_len(tiny_policy):
+    prompts = _equal_length_prompts(tiny_policy)
+    gens = TinyEngine(tiny_policy).generate(prompts, SamplingParams(max_new_tokens=6, greedy=True))
+    for p, g in zip(prompts, gens):
+        with torch.no_grad():
+            logits = tiny_policy.model(torch.tensor([p + g.response_ids]))[0]
+        assert [int(logits[len(p) + t - 1].argmax()) for t in range(len(g.response_ids))] == g.response_ids
+    max_len = tiny_policy.model.cfg.max_len
+    with pytest.raises(ValueError, match="max_len"):
+        TinyEngine(tiny_policy).generate([[5] * (max_len - 3)] * 2, SamplingParams(max_new_tokens=4))
+    (full,) = TinyEngine(tiny_policy).generate([[5] * (max_len - 4)], SamplingParams(max_new_tokens=4), seed=0)
+    assert len(full.response_ids) <= 4
+
+
+def test_temperature_one_skips_no_behaviour():
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
+    a = sample_tokens(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(1))
+    b = sample_tokens(logits / 1.0, SamplingParams(temperature=1.0 + 1e-12), torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1])
+
+
+def test_lengths_cut_at_the_first_eos():
+    tokens = torch.tensor([[5, 2, 2, 7], [5, 6, 7, 8], [2, 9, 9, 9]])
+    assert _lengths(tokens, eos_id=2).tolist() == [2, 4, 1]

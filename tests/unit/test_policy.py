@@ -91,6 +91,31 @@ def test_kv_cache_decoding_equals_one_full_forward(tiny_policy):
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
+def test_unpadded_forward_needs_no_mask_with_or_without_a_cache(tiny_policy):
+    """attention_mask=None means "no padding": the same logits as an all-true mask, in one pass or cached steps."""
+    model = tiny_policy.model.eval()
+    ids = torch.randint(4, 50, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        masked = model(ids, attention_mask=torch.ones_like(ids, dtype=torch.bool))
+        assert torch.allclose(model(ids), masked, atol=1e-5)
+        cache = KVCache(model.cfg, 3, 10, torch.float32, "cpu")
+        steps = [model(ids[:, :4], cache=cache)]  # causal prefill
+        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(4, 7)]  # one token: no mask at all
+        steps.append(model(ids[:, 7:], cache=cache))  # several tokens after a filled cache: bottom-right causal
+    assert cache.len == 10
+    assert torch.allclose(torch.cat(steps, dim=1), masked, atol=1e-5)
+
+
+def test_unpadded_cache_past_max_len_is_an_error(tiny_policy):
+    model = tiny_policy.model.eval()
+    max_len = model.cfg.max_len
+    cache = KVCache(model.cfg, 1, max_len + 1, torch.float32, "cpu")
+    with torch.no_grad():
+        model(torch.zeros(1, max_len, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="max_len"):
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
 def test_left_padding_does_not_change_the_logits(tiny_policy):
     ids = torch.tensor([[10, 11, 12, 13]])
     padded = torch.tensor([[0, 0, 0, 10, 11, 12, 13]])

@@ -71,7 +71,7 @@ class Policy:
     def response_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
         """Logits (B, T, V) that predict the response tokens. Rows sharing a prompt (a GRPO group) run
         it once on the tiny GPT (``offpolicy.policy.prefix``); otherwise one plain forward pass."""
-        if self.kind == "tiny" and input_ids.shape[0] > 1 and prompt_len > 0:
+        if isinstance(self.model, TinyGPT) and input_ids.shape[0] > 1 and prompt_len > 0:
             from offpolicy.policy.prefix import shared_prompt_logits, unique_prompts
 
             groups = unique_prompts(input_ids[:, :prompt_len], attention_mask[:, :prompt_len])

@@ -64,15 +64,16 @@ def sample_tokens(
         logprobs = F.log_softmax(logits, dim=-1)
         tokens = logits.argmax(-1)
         return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-    logprobs = F.log_softmax(logits / params.temperature, dim=-1)
+    scaled = logits if params.temperature == 1.0 else logits / params.temperature  # x / 1.0 == x: skip the op
+    logprobs = F.log_softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_lp, order = logprobs.sort(dim=-1, descending=True)
         cum = sorted_lp.exp().cumsum(-1)
         drop_sorted = (cum - sorted_lp.exp()) >= params.top_p  # keep the smallest prefix reaching top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logprobs = F.log_softmax(logprobs.masked_fill(drop, float("-inf")), dim=-1)
-    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator)  # (B, 1)
+    return tokens.squeeze(-1), logprobs.gather(-1, tokens).squeeze(-1)
 
 
 class TinyEngine:
@@ -99,41 +100,89 @@ class TinyEngine:
     @torch.inference_mode()
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, gen) -> list[Generation]:
         model, tok = self.policy.model, self.policy.tokenizer
-        B, P, N = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
-        if P + N > model.cfg.max_len:
+        P, N = max(len(p) for p in prompts), params.max_new_tokens
+        if P + N > model.cfg.max_len:  # once per chunk: every decode step stays below P + N
             raise ValueError(f"prompt ({P}) + max_new_tokens ({N}) exceeds the model's max_len={model.cfg.max_len}")
-        ids = torch.full((B, P), tok.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, P + N), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attn[i, P - len(p) : P] = True
-        n_prompt = attn.sum(1)  # (B,) real prompt tokens = position of the first generated token
-        cache = KVCache(model.cfg, B, P + N, next(model.parameters()).dtype, ids.device)
         was_training = model.training
-        model.eval()
-        logits = model(ids, attention_mask=attn[:, :P], cache=cache)[:, -1]  # (B, V)
-        tokens = torch.full((B, N), tok.pad_id, dtype=torch.long)
-        logps = torch.zeros((B, N))
-        done = torch.zeros(B, dtype=torch.bool)
-        lengths = torch.zeros(B, dtype=torch.long)
-        for t in range(N):
-            nxt, lp = sample_tokens(logits, params, gen)
-            nxt = nxt.masked_fill(done, tok.pad_id)
-            tokens[:, t], logps[:, t] = nxt, lp.masked_fill(done, 0.0)
-            lengths += (~done).long()
-            done |= nxt == tok.eos_id
-            if bool(done.all()) or t == N - 1:
-                break
-            attn[:, P + t] = True
-            pos = (n_prompt + t)[:, None]
-            logits = model(nxt[:, None], attention_mask=attn[:, : P + t + 1], position_ids=pos, cache=cache)[:, -1]
-        model.train(was_training)
-        result = []
-        for i in range(B):
-            n = int(lengths[i])
-            ids_i = tokens[i, :n].tolist()
-            result.append(Generation(ids_i, logps[i, :n].tolist(), bool(n and ids_i[-1] == tok.eos_id)))
-        return result
+        if was_training:  # model.eval() walks every module: ~0.1 ms, so only when it changes something
+            model.eval()
+        try:
+            if all(len(p) == P for p in prompts):
+                tokens, logps, lengths = _sample_unpadded(model, prompts, params, gen, tok.eos_id)
+            else:
+                tokens, logps, lengths = _sample_padded(model, prompts, params, gen, tok.pad_id, tok.eos_id)
+        finally:
+            if was_training:
+                model.train()
+        return _generations(tokens, logps, lengths, tok.eos_id)
+
+
+def _sample_unpadded(model, prompts: list[list[int]], params: SamplingParams, gen, eos_id: int):
+    """Fast path for prompts of one length: no masks, no position ids (the model derives both from the cache).
+
+    Rows that have finished keep decoding their own samples; :func:`_lengths` cuts them off.
+    """
+    ids = torch.tensor(prompts, dtype=torch.long)  # (B, P)
+    B, P = ids.shape
+    cache = KVCache(model.cfg, B, P + params.max_new_tokens, next(model.parameters()).dtype, ids.device)
+    logits = model(ids, cache=cache)[:, -1]  # (B, V), causal prefill
+
+    def step(nxt: torch.Tensor, t: int) -> torch.Tensor:
+        return model(nxt[:, None], cache=cache)[:, -1]  # one token at position P + t sees the whole cache
+
+    return _sample_loop(logits, step, params, gen, eos_id)
+
+
+def _sample_padded(model, prompts: list[list[int]], params: SamplingParams, gen, pad_id: int, eos_id: int):
+    """Left-padded prompts of mixed lengths: a key mask over cache + new tokens and per-row positions."""
+    B, P, N = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], dtype=torch.long)  # (B, P)
+    n_prompt = torch.tensor([len(p) for p in prompts])  # (B,) real prompt tokens = position of the first new one
+    attn = torch.arange(P + N)[None, :] >= (P - n_prompt)[:, None]  # (B, P+N): real prompt and every new token
+    cache = KVCache(model.cfg, B, P + N, next(model.parameters()).dtype, ids.device)
+    logits = model(ids, attention_mask=attn[:, :P], cache=cache)[:, -1]  # (B, V)
+
+    def step(nxt: torch.Tensor, t: int) -> torch.Tensor:
+        pos = (n_prompt + t)[:, None]  # (B, 1)
+        return model(nxt[:, None], attention_mask=attn[:, : P + t + 1], position_ids=pos, cache=cache)[:, -1]
+
+    return _sample_loop(logits, step, params, gen, eos_id)
+
+
+def _sample_loop(logits: torch.Tensor, step, params: SamplingParams, gen, eos_id: int):
+    """Sample up to ``max_new_tokens`` per row, feeding each token back through ``step(tokens, t) -> logits``.
+
+    Stops early once every row has produced EOS. Returns tokens and log-probs (B, T) for the T steps
+    taken (entries after a row's EOS are not meaningful) and each row's length (B,).
+    """
+    B, N = logits.shape[0], params.max_new_tokens
+    tokens = torch.empty((B, N), dtype=torch.long)
+    logps = torch.empty((B, N))
+    done = torch.zeros(B, dtype=torch.bool)
+    for t in range(N):
+        nxt, lp = sample_tokens(logits, params, gen)  # (B,), (B,)
+        tokens[:, t], logps[:, t] = nxt, lp
+        done |= nxt == eos_id
+        if t == N - 1 or bool(done.all()):
+            break
+        logits = step(nxt, t)
+    tokens, logps = tokens[:, : t + 1], logps[:, : t + 1]
+    return tokens, logps, _lengths(tokens, eos_id)
+
+
+def _lengths(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Response length of each row of ``tokens`` (B, T): up to and including the first EOS, else T."""
+    is_eos = tokens == eos_id  # (B, T)
+    first = is_eos.int().argmax(-1)  # index of the first EOS (0 when there is none)
+    return torch.where(is_eos.any(-1), first + 1, tokens.shape[1])
+
+
+def _generations(tokens: torch.Tensor, logps: torch.Tensor, lengths: torch.Tensor, eos_id: int) -> list[Generation]:
+    """One :class:`Generation` per row, through a single ``.tolist()`` of each tensor."""
+    return [
+        Generation(ids[:n], lps[:n], ids[n - 1] == eos_id)
+        for ids, lps, n in zip(tokens.tolist(), logps.tolist(), lengths.tolist())
+    ]
 
 
 class HFEngine:
