@@ -56,9 +56,10 @@ def test_sft_stage_learns_from_expert_solutions(tmp_path):
 
 
 @pytest.mark.slow
-def test_topr_reuse_learns_from_two_rollout_steps(tmp_path):
-    """Heavy reuse (32 small TOPR updates per rollout step) gains >= 10 points from 2 x 1,024 rollouts."""
-    cfg = load_config(ROOT / "recipes" / "topr_reuse.yaml", [
+@pytest.mark.parametrize("recipe", ["topr_reuse", "psr_reuse"])
+def test_heavy_reuse_recipes_learn_from_two_rollout_steps(tmp_path, recipe):
+    """32 small updates per rollout step gain >= 10 points of held-out accuracy from 2 x 1,024 rollouts."""
+    cfg = load_config(ROOT / "recipes" / f"{recipe}.yaml", [
         f"run.out_dir={tmp_path}", "run.progress=false", "run.threads=1", "run.checkpoint_every=0",
         f"policy.init={SFT_CKPT}", "sft.steps=0", "rl.steps=2", "eval.every=0", "eval.n_problems=300",
         "eval.samples=0",
