@@ -34,6 +34,7 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_buffer.py --short
 	$(BIN)/python benchmarks/bench_reuse.py --short --fresh
 	$(BIN)/python benchmarks/bench_run_scale.py --short
+	$(BIN)/python benchmarks/bench_shared_prompt.py --short
 	$(BIN)/python benchmarks/bench_trl.py --short
 
 clean:
