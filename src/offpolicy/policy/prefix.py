@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from offpolicy.policy.tiny import Block, TinyGPT, _attention_mask
+from offpolicy.policy.tiny import TinyGPT, _attention_mask
 
 
 def unique_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,19 +26,6 @@ def unique_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple
     first = torch.full((int(inverse.max()) + 1,), key.shape[0], dtype=torch.long)
     first = first.scatter_reduce(0, inverse, torch.arange(key.shape[0]), reduce="amin")  # (U,) a row of each
     return first, inverse
-
-
-def _split_heads(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, L, D = x.shape
-    qkv = block.qkv(block.ln1(x)).view(B, L, 3, block.n_heads, D // block.n_heads)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (B, H, L, Dh)
-    return q, k, v
-
-
-def _finish_block(block: Block, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    B, L, D = x.shape
-    x = x + block.proj(y.transpose(1, 2).reshape(B, L, D))
-    return x + block.mlp(block.ln2(x))
 
 
 def shared_prompt_logits(model: TinyGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -64,12 +51,12 @@ def shared_prompt_logits(model: TinyGPT, input_ids: torch.Tensor, attention_mask
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     r_attn = torch.cat([p_mask[inverse][:, None, :].expand(B, T, P), causal.expand(B, T, T)], dim=-1)[:, None]
     for block in model.blocks:
-        q, k, v = _split_heads(block, xp)
+        q, k, v = block.heads(xp)
         yp = F.scaled_dot_product_attention(q, k, v, attn_mask=p_attn)
-        qr, kr, vr = _split_heads(block, xr)
+        qr, kr, vr = block.heads(xr)
         keys = torch.cat([k.index_select(0, inverse), kr], dim=2)  # (B, H, P+T, Dh)
         values = torch.cat([v.index_select(0, inverse), vr], dim=2)
         yr = F.scaled_dot_product_attention(qr, keys, values, attn_mask=r_attn)
-        xp, xr = _finish_block(block, xp, yp), _finish_block(block, xr, yr)
+        xp, xr = block.residual(xp, yp), block.residual(xr, yr)
     h = torch.cat([xp[:, -1:].index_select(0, inverse), xr[:, :-1]], dim=1)  # (B, T, D)
     return model.ln_f(h) @ model.tok.weight.T

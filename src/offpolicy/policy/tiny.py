@@ -56,11 +56,23 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model))
 
-    def forward(self, x, attn_mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0):
-        """``attn_mask`` (B or 1, 1, L, L_k) bool, or None for unpadded rows: causal when L > 1, else full."""
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values of ``x`` (B, L, D): 3 × (B, H, L, Dh)."""
         B, L, D = x.shape
         qkv = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, D // self.n_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (B,H,L,Dh): the same views as split + transpose, fewer ops
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # the same views as split + transpose, fewer ops
+        return q, k, v
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input ``x`` (B, L, D) and the attention output ``y`` (B, H, L, Dh)."""
+        B, L, D = x.shape
+        x = x + self.proj(y.transpose(1, 2).reshape(B, L, D))
+        return x + self.mlp(self.ln2(x))
+
+    def forward(self, x, attn_mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0):
+        """``attn_mask`` (B or 1, 1, L, L_k) bool, or None for unpadded rows: causal when L > 1, else full."""
+        L = x.shape[1]
+        q, k, v = self.heads(x)
         if cache is not None:
             start = cache.len
             cache.k[layer, :, :, start : start + L] = k
@@ -69,8 +81,7 @@ class Block(nn.Module):
             v = cache.v[layer, :, :, : start + L]
         is_causal = attn_mask is None and L > 1  # only ever with an empty cache (see _unpadded_mask)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B,H,L,Dh)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, L, D))
-        return x + self.mlp(self.ln2(x))
+        return self.residual(x, y)
 
 
 class TinyGPT(nn.Module):
