@@ -87,7 +87,17 @@ class SFTConfig(_Strict):
     steps: int = 0  # optimizer steps of supervised fine-tuning on expert solutions (0 = skip the stage)
     batch_size: int = 64  # expert traces per step
     eval_every: int = 0  # SFT steps between evaluations (0 = only before and after)
+    stop_at_accuracy: float | None = None  # end SFT at the first evaluation whose held-out greedy accuracy reaches this
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, schedule="cosine"))
+
+    @model_validator(mode="after")
+    def _stop_needs_evaluations(self) -> "SFTConfig":
+        if self.stop_at_accuracy is not None:
+            if not 0.0 < self.stop_at_accuracy <= 1.0:
+                raise ValueError(f"sft.stop_at_accuracy={self.stop_at_accuracy} must be in (0, 1]")
+            if self.eval_every <= 0:
+                raise ValueError("sft.stop_at_accuracy needs sft.eval_every > 0 (it is checked at those evaluations)")
+        return self
 
 
 class BufferConfig(_Strict):

@@ -7,6 +7,7 @@ advantages are non-zero and updates move the weights) and take about a second ea
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -202,3 +203,27 @@ def test_a_finished_run_is_not_silently_extended(tmp_path, tiny_config, reward_s
     train(tiny_config(tmp_path / "more", "rl.steps=1", f"policy.init={final}", *extra))
     assert len(rl_rows(tmp_path / "more")) == 1
 
+
+
+def test_sft_stops_at_the_target_accuracy(tmp_path, tiny_config):
+    """sft.stop_at_accuracy ends SFT at the first periodic evaluation that reaches it (here: the shipped
+    27.6% checkpoint, which is above 10% from the start), and RL then starts from that model."""
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_addition_sft"
+    cfg = tiny_config(tmp_path, f"policy.init={fixture}", "policy.d_model=128", "policy.n_layers=2",
+                      "policy.n_heads=4", "eval.n_problems=200", "eval.samples=0", "sft.steps=40",
+                      "sft.eval_every=5", "sft.stop_at_accuracy=0.1", "sft.optim.lr=1e-5", "rl.steps=1",
+                      "task.params={min_digits: 2, max_digits: 2}")
+    train(cfg)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    sft_steps = [r["step"] for r in rows if r.get("stage") == "sft" and "eval_point" not in r]
+    assert sft_steps == [1, 2, 3, 4, 5]
+    stop = next(r for r in rows if r.get("eval_point") == "sft_step_5")
+    assert stop["eval/greedy_acc"] >= 0.1
+    assert any(r.get("stage") == "rl" and "reward/mean" in r for r in rows)
+
+
+def test_sft_runs_all_its_steps_when_the_target_is_not_reached(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path, "sft.steps=6", "sft.eval_every=2", "sft.stop_at_accuracy=1.0", "rl.steps=0")
+    train(cfg)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert max(r["step"] for r in rows if r.get("stage") == "sft") == 6

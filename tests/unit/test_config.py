@@ -149,3 +149,11 @@ def test_one_problem_is_one_line_and_several_are_listed():
     assert lines[0] == "invalid config:" and len(lines) == 3
     assert any(line.strip().startswith("rl.stepz: unknown key") for line in lines)
     assert any(line.strip().startswith("sft.steps:") for line in lines)
+
+
+def test_sft_stop_at_accuracy_is_checked():
+    with pytest.raises(ConfigError, match="sft.stop_at_accuracy needs sft.eval_every"):
+        load_config(None, ["sft.stop_at_accuracy=0.3"])
+    with pytest.raises(ConfigError, match=r"sft.stop_at_accuracy=1.5 must be in \(0, 1\]"):
+        load_config(None, ["sft.stop_at_accuracy=1.5", "sft.eval_every=5"])
+    assert load_config(None, ["sft.stop_at_accuracy=0.3", "sft.eval_every=5"]).sft.stop_at_accuracy == 0.3

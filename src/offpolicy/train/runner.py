@@ -170,7 +170,11 @@ def run_sft(run: Run) -> None:
             run.log.log({"stage": "sft", "step": step + 1, "rollouts": 0, **metrics})
             run.console.advance(metrics)
             if sft.eval_every and (step + 1) % sft.eval_every == 0 and step + 1 < sft.steps:
-                record_eval(run, f"sft_step_{step + 1}")
+                acc = record_eval(run, f"sft_step_{step + 1}")["eval/greedy_acc"]
+                if sft.stop_at_accuracy is not None and acc >= sft.stop_at_accuracy:
+                    run.console.print(f"SFT reached held-out greedy accuracy {acc:.3f} >= sft.stop_at_accuracy "
+                                      f"after {step + 1} steps: stopping SFT")
+                    break
             if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
                 checkpoint(run, {"opt": opt.state_dict(), "sched": sched.state_dict()})
         run.console.end_stage()
