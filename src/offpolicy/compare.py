@@ -270,12 +270,7 @@ def plot_comparison(curves: dict[str, list[dict]], out: Path, target: float | No
             ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.3f}")
         ax.set(xlabel=xlabel, ylabel="held-out greedy accuracy", ylim=(0, 1))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Held-out greedy accuracy: mean over seeds, band = min–max")
-    fig.tight_layout()
-    acc_png = out / "compare_accuracy.png"
-    fig.savefig(acc_png, dpi=110)
-    plt.close(fig)
+    acc_png = _save(fig, axes, "Held-out greedy accuracy: mean over seeds, band = min–max", out / "compare_accuracy.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (key, ylabel) in zip(axes, (("offpolicy/staleness_mean", "mean staleness (policy versions)"),
@@ -284,10 +279,18 @@ def plot_comparison(curves: dict[str, list[dict]], out: Path, target: float | No
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
         ax.set(xlabel="RL step", ylabel=ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Training batches: staleness and effective sample size (mean over seeds, min–max band)")
-    fig.tight_layout()
-    off_png = out / "compare_offpolicy.png"
-    fig.savefig(off_png, dpi=110)
-    plt.close(fig)
+    off_png = _save(fig, axes, "Training batches: staleness and effective sample size (mean over seeds, min–max band)",
+                    out / "compare_offpolicy.png")
     return [acc_png, off_png]
+
+
+def _save(fig, axes, title: str, path: Path) -> Path:
+    """Legend on the first panel, title, layout, PNG; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
