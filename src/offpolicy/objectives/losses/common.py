@@ -12,7 +12,12 @@ Contract (the learner relies on it exactly):
   hyperparameters whose defaults are the paper's;
 * returns ``(loss_tok (B, T), metrics)``: ``loss_tok`` is exactly 0 where
   ``mask`` is 0 and is aggregated by a separate step; ``metrics`` maps unprefixed
-  names (``clip_frac``, ``ratio_mean``, ...) to detached 0-d tensors.
+  names (``clip_frac``, ``ratio_mean``, ...) to detached 0-d tensors;
+* may be registered with ``zero_rows``: a pure function ``(advantages, mask,
+  **hyperparameters) -> (B,) bool`` naming the rows whose loss is exactly 0 for
+  *any* log-probs (so their gradient is 0). The learner then skips their forward
+  and backward pass (``rl.skip_zero_rows``); it must never name a row that could
+  contribute.
 
 Every ``L`` is a loss to *minimise*. ``r = exp(ℓ − ℓ^old)`` is the ratio to the
 proximal policy, computed from a masked, clamped log-ratio (see
@@ -36,6 +41,11 @@ GSPO_LOG_RATIO_MAX = 10.0  # verl clamps GSPO's (token-)sequence log-ratio at 10
 
 
 # ---- shared pieces -------------------------------------------------------------------------
+def zero_advantage_rows(advantages: torch.Tensor, mask: torch.Tensor, **_: object) -> torch.Tensor:
+    """``zero_rows`` of a loss that is ``Â`` times something finite: rows whose valid tokens all have ``Â = 0``."""
+    return ((advantages == 0) | (mask == 0)).all(-1)
+
+
 @torch.no_grad()
 def ratio_metrics(log_ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """``ratio_mean``, ``ratio_max`` and ``approx_kl`` (k3 of KL(old‖θ)) over valid tokens."""

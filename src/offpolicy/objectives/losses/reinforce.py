@@ -9,11 +9,12 @@ import torch
 
 from offpolicy.objectives.aggregate import check_shapes, masked, masked_mean
 from offpolicy.objectives.corrections import LOG_RATIO_CLAMP, token_log_ratio
-from offpolicy.objectives.losses.common import POLICY_LOSSES, _check_clip, ratio_metrics
+from offpolicy.objectives.losses.common import POLICY_LOSSES, _check_clip, ratio_metrics, zero_advantage_rows
 
 
 # ---- plain policy gradient -----------------------------------------------------------------
 @POLICY_LOSSES.register("reinforce", needs=(), default_agg="token-mean", paper="Williams 1992 (no arXiv id)",
+                        zero_rows=zero_advantage_rows,
                         summary="vanilla policy gradient −Â·ℓ: no ratio, no clip (on-policy only)")
 def reinforce(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """REINFORCE: ``L_t = −Â_t ℓ_t``; gradient ``−Â ∇ℓ``. Unbiased only on-policy (no correction).

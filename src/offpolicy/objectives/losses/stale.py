@@ -16,7 +16,16 @@ from offpolicy.objectives.losses.common import GSPO_LOG_RATIO_MAX, POLICY_LOSSES
 
 
 # ---- stale / off-policy data ---------------------------------------------------------------
+def topr_zero_rows(advantages: torch.Tensor, mask: torch.Tensor, *, pos_high: float = 1.0, neg_high: float = 1.0,
+                   **_: object) -> torch.Tensor:
+    """Rows where TOPR's coefficient ``w Â`` is 0 on every valid token whatever the ratio: ``Â = 0``, or a
+    clip range ``[low, high]`` with ``high = 0`` on that side (``neg_high = 0``: positive-sample reinforcement)."""
+    zero = (advantages == 0) | ((advantages > 0) & (pos_high == 0)) | ((advantages < 0) & (neg_high == 0))
+    return (zero | (mask == 0)).all(-1)
+
+
 @POLICY_LOSSES.register("topr", needs=("behavior_logp",), default_agg="seq-mean-token-mean", paper="arXiv:2503.14286",
+                        zero_rows=topr_zero_rows,
                         summary="REINFORCE; negative sequences weighted by the truncated ratio [π/μ]_0^1, "
                                 "positives by 1")
 def topr(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, behavior_logp: torch.Tensor,
