@@ -51,7 +51,8 @@ class Policy:
         temperature: float = 1.0,
         with_entropy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (B, T) of the response tokens under ``softmax(logits / temperature)``.
+        """Log-probs (B, T) of the response tokens under ``softmax(logits / temperature)`` (and, with
+        ``with_entropy``, the detached per-token entropies).
 
         The engine samples from the same tempered distribution, so at equal weights these
         match its behaviour log-probs (top-p, if the engine used it, is not re-applied here:
@@ -64,8 +65,9 @@ class Policy:
         targets = input_ids[:, prompt_len:]
         logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
         entropy = None
-        if with_entropy:
-            entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, T)
+        if with_entropy:  # a diagnostic: no graph
+            with torch.no_grad():
+                entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, T)
         return logp, entropy
 
     def response_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:

@@ -212,7 +212,7 @@ class Learner:
         logp, entropy = self.policy.response_logprobs(batch.input_ids[rows], batch.attention_mask[rows],
                                                       batch.prompt_len, self.temperature, with_entropy=True)
         base = batch.behavior_logp if batch.behavior_logp is not None else torch.zeros_like(batch.mask)
-        return base.index_copy(0, rows, logp), torch.zeros_like(batch.mask).index_copy(0, rows, entropy.detach())
+        return base.index_copy(0, rows, logp), torch.zeros_like(batch.mask).index_copy(0, rows, entropy)
 
     def end_rollout_step(self) -> None:
         """Once per rollout step: an MDPO iteration ends; ReMix moves pi_{k-1} and may reincarnate."""
