@@ -295,6 +295,8 @@ def test_skipping_zero_loss_rows_gives_the_same_step(tiny_policy, monkeypatch, l
     assert rows_seen == [expected, n]
     assert m_fast["train/active_row_frac"].item() == pytest.approx(expected / n)
     assert m_full["train/active_row_frac"].item() == 1.0
+    assert m_full["train/active_tokens"].item() == batch.mask.sum().item()
+    assert m_fast["train/active_tokens"].item() < m_full["train/active_tokens"].item()
     for key in ("loss/policy", "loss/grad_norm"):
         assert m_fast[key].item() == pytest.approx(m_full[key].item(), rel=1e-5, abs=1e-7)
     for a, b in zip(grads["fast"], grads["full"]):

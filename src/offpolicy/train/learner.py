@@ -326,6 +326,7 @@ class Learner:
         if rows is not None:
             mask = torch.zeros_like(mask).index_copy(0, rows, mask[rows])
         n = mask.sum().clamp(min=1)
+        out["train/active_tokens"] = mask.sum()  # response tokens this update learned from
         out["policy/entropy"] = (entropy * mask).sum() / n
         if batch.behavior_logp is not None:
             # behaviour -> current policy (before this step): staleness and mismatch together
