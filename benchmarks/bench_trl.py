@@ -3,6 +3,9 @@
     .venv/bin/pip install -c constraints.txt -e ".[bench]"            # trl (CPU torch stays pinned)
     PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py --short   # `make bench`: 1 seed, ~1.5 min (~5 if shared)
     PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py --seeds 3 # 3 seeds, longer runs, ~8 min
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py --seeds 3 --first-seed 9   # seeds 9-11
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py --reuse --seeds 12 --name trl_comparison_pooled
+                                                                      # all 12 seeds' runs, one target
 
 All three systems start from the same weights: the shipped SFT checkpoint
 ``tests/fixtures/tiny_addition_sft`` (0.41M-parameter tiny GPT, ~28% held-out greedy accuracy on
@@ -64,8 +67,8 @@ RECIPES = {name: ROOT / "recipes" / f"{name}.yaml"
            for name in ("grpo_onpolicy", "quickstart", "topr_reuse", "psr_reuse")}
 OFFPOLICY = ("quickstart", "topr_reuse", "psr_reuse")  # our off-policy recipes in the comparison
 # The recipe whose ratios are the headline keys, declared before its runs (no pick-the-best after the fact).
-# psr_reuse (negative weight 0, then 48 updates per step) was chosen from diagnostics on seeds 0-2, the 48 after
-# seeing seeds 3-5 with 32: seeds 6-8 (--first-seed 6) are the check no choice was made on.
+# psr_reuse (negative weight 0) was chosen from diagnostics on seeds 0-2 and its minibatch (32 updates x 8 groups
+# per step) on seeds 0-5: seeds 6-14 (--first-seed 6, 9, 12) are the check no choice was made on.
 HEADLINE = "psr_reuse"
 SYSTEMS = ("trl", "grpo_onpolicy", *OFFPOLICY)
 NAMES = {"trl": "TRL GRPOTrainer", "grpo_onpolicy": "offpolicy on-policy GRPO",
@@ -140,7 +143,7 @@ def run_ours(label: str, seed: int, s: dict[str, Any], out: Path) -> dict[str, A
         overrides.append(f"rl.groups_per_update={P // 2}")
     elif label == "grpo_onpolicy":
         overrides.append(f"rl.groups_per_update={P}")
-    # topr_reuse / psr_reuse keep their own minibatch (16 groups) and updates per step (32) whatever P is
+    # topr_reuse / psr_reuse keep their own minibatch and updates per step whatever P is
     cfg = load_config(RECIPES[label], overrides)
     if out.exists():
         shutil.rmtree(out)
@@ -502,6 +505,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="run folder (default runs/bench_trl/{short,full})")
     ap.add_argument("--reuse", action="store_true",
                     help="summarise finished runs found in --work instead of re-running them")
+    ap.add_argument("--name", type=str, default=None,
+                    help="results file name without .json (e.g. trl_comparison_pooled with --reuse --seeds 12)")
     # internal: one system in its own process
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -640,7 +645,8 @@ def main() -> None:
         "runs_seconds": round(sum(r.get("process_seconds", 0) + r.get("waited_for_quiet_s", 0)
                                   for k in SYSTEMS for r in runs[k]), 1),
     }
-    name = ("trl_comparison" if a.short else "trl_comparison_full") + (f"_from_seed{a.first_seed}" if a.first_seed else "")
+    name = a.name or (("trl_comparison" if a.short else "trl_comparison_full")
+                      + (f"_from_seed{a.first_seed}" if a.first_seed else ""))
     payload["plot"] = str(plot(payload, RESULTS / f"{name}.png").relative_to(ROOT))
     path = write_json(name, payload)
     print(report(payload))
