@@ -266,7 +266,8 @@ def test_dropout_in_training_mode_keeps_the_proximal_pass():
 PSR = {"neg_low": 0.0, "neg_high": 0.0}  # TOPR with negative weight 0: negatives' loss is exactly 0
 
 
-@pytest.mark.parametrize("loss,params,uninformative", [("topr", PSR, False), ("reinforce", {}, True)])
+@pytest.mark.parametrize("loss,params,uninformative", [("topr", PSR, False), ("reinforce", {}, True),
+                                                        ("ppo_clip", {}, True), ("cispo", {}, True)])
 def test_skipping_zero_loss_rows_gives_the_same_step(tiny_policy, monkeypatch, loss, params, uninformative):
     """Rows the loss declares zero (PSR's negatives, Â = 0 rows) are not forwarded; loss, gradient and
     the optimizer step equal the full batch's."""
@@ -322,3 +323,17 @@ def test_rows_are_not_skipped_when_a_kl_term_reads_them(tiny_policy):
     learner = Learner(tiny_policy.copy(requires_grad=True), rl(loss="topr", loss_params=PSR, kl_coef=0.1),
                       total_updates=1)
     assert learner.update(rollout_batch(tiny_policy))["train/active_row_frac"].item() == 1.0
+
+
+def test_zero_rows_with_the_proximal_old_logp_keep_every_metric(tiny_policy):
+    """ppo_clip with old_logp = the update's own pass: skipped Â = 0 rows have ratio 1 either way, so the
+    loss metrics match the full batch's too."""
+    batch = rollout_batch(tiny_policy, shift=-0.2)
+    batch.rewards[:GROUP] = 0.5  # group 0 uninformative
+    fast = Learner(tiny_policy.copy(requires_grad=True), rl(loss="ppo_clip"), total_updates=1)
+    full = Learner(tiny_policy.copy(requires_grad=True), rl(loss="ppo_clip", skip_zero_rows=False), total_updates=1)
+    m_fast, m_full = fast.update(batch), full.update(batch)
+    assert m_fast["train/active_row_frac"].item() < 1.0
+    for key in ("loss/policy", "loss/grad_norm", "loss/ratio_mean", "loss/clip_frac", "loss/approx_kl"):
+        if key in m_full:
+            assert m_fast[key].item() == pytest.approx(m_full[key].item(), rel=1e-5, abs=1e-6), key

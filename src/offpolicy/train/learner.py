@@ -150,13 +150,15 @@ class Learner:
         """Advantages, loss and one optimizer step on ``batch``; returns detached metric tensors."""
         cfg = self.cfg
         old_logp, ref_logp = self._anchor_logprobs(batch)
+        proximal = old_logp is PROXIMAL_IS_CURRENT  # same weights, no dropout: the update's own log-probs
         advantages = rows = None
-        if old_logp is not PROXIMAL_IS_CURRENT:
-            advantages = self._advantages(batch, old_logp)  # (B, T)
+        if not (proximal and "log_weights" in self._adv_inputs):  # advantages first: they pick the rows
+            advantages = self._advantages(batch, None if proximal else old_logp)  # (B, T)
             rows = self._contributing_rows(batch, advantages, ref_logp)
         logp, entropy = self._logprobs(batch, rows)
-        if old_logp is PROXIMAL_IS_CURRENT:  # same weights, no dropout: a second forward pass would be identical
+        if proximal:
             old_logp = logp.detach()
+        if advantages is None:
             advantages = self._advantages(batch, old_logp)
         available = {"old_logp": old_logp, "behavior_logp": batch.behavior_logp, "ref_logp": ref_logp,
                      "is_expert": batch.is_expert, "rewards": batch.rewards, "group_index": batch.group_index}
@@ -191,11 +193,14 @@ class Learner:
         A loss registered with ``zero_rows`` names the rows whose loss is exactly 0 whatever the
         log-probs (e.g. negatives when TOPR's negative weight is 0). Their forward and backward passes
         would add exact zeros to the gradient, so they are skipped, unless something else reads every
-        row's log-probs: a KL term or a reference. At least one row is kept, so an update whose every
-        row is zero still gives the optimizer zero gradients, as the full batch would.
+        row's log-probs: a KL term, a reference or a correction. A skipped row's log-prob is the
+        behaviour one, and with the proximal ``old_logp`` of the update's own pass its ratio is 1, as
+        it would be unskipped. At least one row is kept, so an update whose every row is zero still
+        gives the optimizer zero gradients, as the full batch would.
         """
         zero_rows = getattr(self.loss_fn, "zero_rows", None)
-        if not self.cfg.skip_zero_rows or zero_rows is None or self.kl_fn is not None or ref_logp is not None:
+        if (not self.cfg.skip_zero_rows or zero_rows is None or self.kl_fn is not None or ref_logp is not None
+                or self.corr_fn is not None):
             return None
         zero = zero_rows(advantages, batch.mask, **self.cfg.loss_params)  # (B,) bool
         if not bool(zero.any()):
@@ -242,7 +247,7 @@ class Learner:
     def _advantages(self, batch: Batch, old_logp: torch.Tensor | None) -> torch.Tensor:
         cfg, keep = self.cfg, None
         extra: dict[str, Any] = {}
-        wanted = set(getattr(self.adv_fn, "needs", ())) | set(getattr(self.adv_fn, "optional", ()))
+        wanted = self._adv_inputs
         if "log_weights" in wanted and old_logp is not None and batch.behavior_logp is not None:
             extra["log_weights"] = ((old_logp - batch.behavior_logp) * batch.mask).sum(-1)  # (B,) sequence IS
         if "token_rewards" in wanted and batch.token_rewards is not None:
@@ -258,6 +263,10 @@ class Learner:
         full = torch.zeros_like(batch.mask)
         full[keep] = adv
         return full
+
+    @property
+    def _adv_inputs(self) -> set[str]:
+        return set(getattr(self.adv_fn, "needs", ())) | set(getattr(self.adv_fn, "optional", ()))
 
     def _controller_loss_params(self) -> dict[str, Any]:
         return {k: v for name in LOSS_PARAM_CONTROLLERS if name in self.controllers

@@ -10,12 +10,14 @@ import torch
 from offpolicy.objectives.aggregate import check_shapes, masked, masked_mean
 from offpolicy.objectives.corrections import token_log_ratio
 from offpolicy.objectives.kl import k3
-from offpolicy.objectives.losses.common import POLICY_LOSSES, _check_clip, clipped_surrogate, ratio_metrics
+from offpolicy.objectives.losses.common import (POLICY_LOSSES, _check_clip, clipped_surrogate, ratio_metrics,
+                                               zero_advantage_rows)
 
 
 # ---- clipped surrogates (PPO family) -------------------------------------------------------
 @POLICY_LOSSES.register("ppo_clip", needs=("old_logp",), default_agg="token-mean", paper="arXiv:1707.06347",
-                        summary="clipped ratio surrogate; asymmetric clip bounds and optional dual clip")
+                        summary="clipped ratio surrogate; asymmetric clip bounds and optional dual clip",
+                        zero_rows=zero_advantage_rows)
 def ppo_clip(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
              clip_low: float = 0.2, clip_high: float = 0.2,
              dual_clip: float | None = None) -> tuple[torch.Tensor, dict]:
@@ -57,7 +59,8 @@ def grpo(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, ol
 
 @POLICY_LOSSES.register("dr_grpo", needs=("old_logp",), default_agg="seq-mean-token-sum-norm",
                         paper="arXiv:2503.20783",
-                        summary="grpo without the 1/|y| length normalisation (constant L_max) and without KL")
+                        summary="grpo without the 1/|y| length normalisation (constant L_max) and without KL",
+                        zero_rows=zero_advantage_rows)
 def dr_grpo(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
             clip_low: float = 0.2, clip_high: float = 0.2) -> tuple[torch.Tensor, dict]:
     """Dr. GRPO: the ppo_clip token loss, aggregated as ``Σ_{i,t} m·L / (B·L_max)`` (CN).
@@ -70,7 +73,8 @@ def dr_grpo(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
 
 
 @POLICY_LOSSES.register("dapo", needs=("old_logp",), default_agg="token-mean", paper="arXiv:2503.14476",
-                        summary="ppo_clip with clip-higher (ε_h = 0.28), token-mean, no KL")
+                        summary="ppo_clip with clip-higher (ε_h = 0.28), token-mean, no KL",
+                        zero_rows=zero_advantage_rows)
 def dapo(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
          clip_low: float = 0.2, clip_high: float = 0.28,
          dual_clip: float | None = None) -> tuple[torch.Tensor, dict]:
@@ -114,7 +118,8 @@ def sapo(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, ol
 
 
 @POLICY_LOSSES.register("cispo", needs=("old_logp",), default_agg="token-mean", paper="arXiv:2506.13585",
-                        summary="REINFORCE weighted by the stop-grad clipped ratio: clipped tokens keep a gradient")
+                        summary="REINFORCE weighted by the stop-grad clipped ratio: clipped tokens keep a gradient",
+                        zero_rows=zero_advantage_rows)
 def cispo(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
           clip_low: float = 1.0, clip_high: float = 0.28, mask_clipped: bool = False) -> tuple[torch.Tensor, dict]:
     """CISPO (MiniMax-M1): ``L = −sg[clip(r, 1 − ε_l, 1 + ε_h)] Â ℓ``, token-mean.
