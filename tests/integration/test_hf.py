@@ -137,6 +137,29 @@ def test_learner_updates_an_hf_policy(hf_dir):
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 
 
+def test_zero_loss_rows_are_skipped_on_an_hf_policy_with_the_same_gradient(hf_dir):
+    """PSR (TOPR, negative weight 0) on an HF model: the negatives are not forwarded, the gradient is unchanged."""
+    tok = load_policy(hf_dir).tokenizer
+    prompts = [tok.encode("1+2=")] * 4 + [tok.encode("30+4=")] * 4
+    gens = HFEngine(load_policy(hf_dir)).generate(prompts, SamplingParams(max_new_tokens=4), seed=0)
+    exps = [Experience(p, g.response_ids, reward=float(i % 2), behavior_logprobs=g.logprobs, group_id=str(i // 4))
+            for i, (p, g) in enumerate(zip(prompts, gens))]
+    batch = collate(exps, tok.pad_id)
+    grads, metrics = {}, {}
+    for skip in (True, False):
+        cfg = RLConfig(loss="topr", loss_params={"neg_low": 0.0, "neg_high": 0.0}, skip_zero_rows=skip,
+                       optim=OptimConfig(lr=1e-2))
+        learner = Learner(load_policy(hf_dir), cfg, total_updates=1)
+        learner.opt.register_step_pre_hook(lambda opt, args, kwargs, _s=skip: grads.__setitem__(
+            _s, [q.grad.clone() for g in opt.param_groups for q in g["params"] if q.grad is not None]))
+        metrics[skip] = learner.update(batch)
+    assert metrics[True]["train/active_row_frac"].item() == 0.5 and metrics[False]["train/active_row_frac"].item() == 1
+    assert metrics[True]["loss/policy"].item() == pytest.approx(metrics[False]["loss/policy"].item(), rel=1e-5)
+    assert len(grads[True]) == len(grads[False])
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_unknown_dtype_is_rejected(hf_dir):
     with pytest.raises(ValueError, match="policy.dtype"):
         load_policy(hf_dir, dtype="int4")
