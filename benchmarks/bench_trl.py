@@ -648,6 +648,11 @@ def main() -> None:
     name = a.name or (("trl_comparison" if a.short else "trl_comparison_full")
                       + (f"_from_seed{a.first_seed}" if a.first_seed else ""))
     payload["plot"] = str(plot(payload, RESULTS / f"{name}.png").relative_to(ROOT))
+    if a.reuse and a.name:  # a summary of stored runs: their curves and records stay in the per-set files
+        for k in SYSTEMS:
+            for key in ("curves", "runs"):
+                systems[k].pop(key)
+        payload["runs_are_in"] = f"the per-set trl_comparison_full*.json files (seeds {seed_list[0]}-{seed_list[-1]})"
     path = write_json(name, payload)
     print(report(payload))
     print(f"[bench_trl] wrote {path} in {payload['total_seconds']} s")
