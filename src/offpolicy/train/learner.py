@@ -136,6 +136,10 @@ class Learner:
         self.ref_policy = ref_policy
         # ReMix's KL-convex term also needs the policy of the previous rollout step, pi_{k-1}
         self.prev_policy = policy.copy() if self.kl_fn is not None and "remix" in self.controllers else None
+        self.adv_inputs = set(getattr(self.adv_fn, "needs", ())) | set(getattr(self.adv_fn, "optional", ()))
+        # rows the loss declares exactly zero are skipped, unless a KL term, a reference or a correction reads them
+        reads_every_row = self.kl_fn is not None or self.ref_policy is not None or self.corr_fn is not None
+        self.zero_rows = None if reads_every_row or not cfg.skip_zero_rows else getattr(self.loss_fn, "zero_rows", None)
         self.opt, self.sched = make_optimizer(policy.parameters(), cfg.optim, total_updates)
         self.version = 0  # policy version = optimizer steps taken in this stage
         self.drop_gen = torch.Generator().manual_seed(seed)  # RED-Drop's randomness (checkpointed)
@@ -152,9 +156,9 @@ class Learner:
         old_logp, ref_logp = self._anchor_logprobs(batch)
         proximal = old_logp is PROXIMAL_IS_CURRENT  # same weights, no dropout: the update's own log-probs
         advantages = rows = None
-        if not (proximal and "log_weights" in self._adv_inputs):  # advantages first: they pick the rows
+        if not (proximal and "log_weights" in self.adv_inputs):  # advantages first: they pick the rows
             advantages = self._advantages(batch, None if proximal else old_logp)  # (B, T)
-            rows = self._contributing_rows(batch, advantages, ref_logp)
+            rows = self._contributing_rows(batch, advantages)
         logp, entropy = self._logprobs(batch, rows)
         if proximal:
             old_logp = logp.detach()
@@ -187,7 +191,7 @@ class Learner:
                         "optim/lr": torch.tensor(self.sched.get_last_lr()[0])})
         return metrics
 
-    def _contributing_rows(self, batch: Batch, advantages: torch.Tensor, ref_logp) -> torch.Tensor | None:
+    def _contributing_rows(self, batch: Batch, advantages: torch.Tensor) -> torch.Tensor | None:
         """Indices of the rows that can move the weights, or None for all of them.
 
         A loss registered with ``zero_rows`` names the rows whose loss is exactly 0 whatever the
@@ -198,11 +202,9 @@ class Learner:
         it would be unskipped. At least one row is kept, so an update whose every row is zero still
         gives the optimizer zero gradients, as the full batch would.
         """
-        zero_rows = getattr(self.loss_fn, "zero_rows", None)
-        if (not self.cfg.skip_zero_rows or zero_rows is None or self.kl_fn is not None or ref_logp is not None
-                or self.corr_fn is not None):
+        if self.zero_rows is None:
             return None
-        zero = zero_rows(advantages, batch.mask, **self.cfg.loss_params)  # (B,) bool
+        zero = self.zero_rows(advantages, batch.mask, **self.cfg.loss_params)  # (B,) bool
         if not bool(zero.any()):
             return None
         keep = (~zero).nonzero().squeeze(-1)
@@ -247,7 +249,7 @@ class Learner:
     def _advantages(self, batch: Batch, old_logp: torch.Tensor | None) -> torch.Tensor:
         cfg, keep = self.cfg, None
         extra: dict[str, Any] = {}
-        wanted = self._adv_inputs
+        wanted = self.adv_inputs
         if "log_weights" in wanted and old_logp is not None and batch.behavior_logp is not None:
             extra["log_weights"] = ((old_logp - batch.behavior_logp) * batch.mask).sum(-1)  # (B,) sequence IS
         if "token_rewards" in wanted and batch.token_rewards is not None:
@@ -263,10 +265,6 @@ class Learner:
         full = torch.zeros_like(batch.mask)
         full[keep] = adv
         return full
-
-    @property
-    def _adv_inputs(self) -> set[str]:
-        return set(getattr(self.adv_fn, "needs", ())) | set(getattr(self.adv_fn, "optional", ()))
 
     def _controller_loss_params(self) -> dict[str, Any]:
         return {k: v for name in LOSS_PARAM_CONTROLLERS if name in self.controllers
