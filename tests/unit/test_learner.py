@@ -337,3 +337,26 @@ def test_zero_rows_with_the_proximal_old_logp_keep_every_metric(tiny_policy):
     for key in ("loss/policy", "loss/grad_norm", "loss/ratio_mean", "loss/clip_frac", "loss/approx_kl"):
         if key in m_full:
             assert m_fast[key].item() == pytest.approx(m_full[key].item(), rel=1e-5, abs=1e-6), key
+
+
+def test_tempo_gets_the_responses_with_padding_marked(tiny_policy, monkeypatch):
+    from offpolicy.objectives import ADVANTAGES
+    seen = {}
+    real = ADVANTAGES["tempo"]
+
+    def spy(**kw):
+        seen.update(kw)
+        return real(**kw)
+    for attr in ("needs", "paper", "summary"):
+        setattr(spy, attr, getattr(real, attr))
+    monkeypatch.setitem(ADVANTAGES, "tempo", spy)
+    learner = Learner(tiny_policy, rl(advantage="tempo"), total_updates=1)
+    tok = tiny_policy.tokenizer
+    answers = ["46", "47", "4", "5"]  # different lengths, shared prefixes
+    batch = collate([Experience(tok.encode("12+34="), tok.encode(a) + [tok.eos_id], reward=float(a == "46"),
+                                behavior_logprobs=[-1.0] * (len(a) + 1), group_id="g") for a in answers], tok.pad_id)
+    metrics = learner.update(batch)
+    assert all_finite(metrics)
+    ids, pad = seen["response_ids"], ~batch.attention_mask[:, batch.prompt_len:]
+    assert pad.any()  # some responses are shorter than others
+    assert torch.equal(ids[pad], torch.full_like(ids[pad], -1)) and torch.equal(ids[~pad], batch.response_ids[~pad])

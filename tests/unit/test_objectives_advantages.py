@@ -102,3 +102,61 @@ def test_overlong_penalty():
     assert torch.allclose(p, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.5]))
     with pytest.raises(ValueError, match="cache_len"):
         overlong_penalty(lengths, max_len=10, cache_len=0)
+
+
+# ---- tempo (prefix-tree TD credit) ---------------------------------------------------------------
+def test_prefix_nodes_match_a_naive_prefix_comparison():
+    from offpolicy.objectives.advantages import prefix_nodes
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 3, (24, 5), generator=g)  # 3 tokens: many shared prefixes
+    group = torch.randint(0, 3, (24,), generator=g) * 10
+    node = prefix_nodes(ids, group)
+    for t in range(5):
+        for i in range(24):
+            for j in range(24):
+                same = bool(group[i] == group[j]) and torch.equal(ids[i, :t + 1], ids[j, :t + 1])
+                assert same == bool(node[i, t] == node[j, t]), (i, j, t)
+    assert len({int(n) for n in node[:, 0]} & {int(n) for n in node[:, 1]}) == 0  # ids differ across t
+
+
+def test_tempo_hand_computed_branch_credit():
+    # one group answering "57": two right, one wrong in the 2nd digit ("58"), one wrong in the 1st ("42")
+    ids = torch.tensor([[5, 7, 1], [5, 8, 1], [5, 7, 1], [4, 2, 1]])
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=D)
+    mask = torch.ones(4, 3, dtype=D)
+    z = 0.5 / (math.sqrt(1 / 3) + 1e-6)  # grpo's ±r̃ for rewards [1, 0, 1, 0]
+    v5 = (z - z + z) / 3  # V("5") = mean r̃ of the three responses starting with 5
+    td = ADVANTAGES["tempo"](rewards=rewards, group_index=torch.zeros(4), mask=mask, response_ids=ids, outcome_coef=0.0)
+    expected = torch.tensor([[v5, z - v5, 0], [v5, -z - v5, 0], [v5, z - v5, 0], [-z, 0, 0]], dtype=D)
+    assert torch.allclose(td, expected)  # the shared "5" gets V("5") − V(∅); "8" is where "58" went wrong
+    full = ADVANTAGES["tempo"](rewards=rewards, group_index=torch.zeros(4), mask=mask, response_ids=ids)
+    grpo = ADVANTAGES["grpo"](rewards=rewards, group_index=torch.zeros(4), mask=mask)
+    assert torch.allclose(full, grpo + expected)  # TEMPO = grpo + branch-gated TD
+
+
+@pytest.mark.parametrize("norm_by_std,base", [(True, "grpo"), (False, "dr_grpo")])
+def test_tempo_td_terms_telescope_to_the_outcome_advantage(norm_by_std, base):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 2, (12, 6), generator=g)
+    rewards = torch.randint(0, 2, (12,), generator=g).to(D)
+    group = torch.arange(12) // 4
+    mask = torch.ones(12, 6, dtype=D)
+    td = ADVANTAGES["tempo"](rewards=rewards, group_index=group, mask=mask, response_ids=ids, outcome_coef=0.0,
+                             norm_by_std=norm_by_std)
+    outcome = ADVANTAGES[base](rewards=rewards, group_index=group, mask=mask)[:, 0]
+    assert torch.allclose(td.sum(-1), outcome)  # Σ_t (V(y≤t) − V(y<t)) = V(y) − V(∅) = r̃_i
+    off = ADVANTAGES["tempo"](rewards=rewards, group_index=group, mask=mask, response_ids=ids, td_coef=0.0,
+                              norm_by_std=norm_by_std)
+    assert torch.allclose(off, ADVANTAGES[base](rewards=rewards, group_index=group, mask=mask))
+
+
+def test_tempo_without_shared_prefixes_puts_all_credit_on_the_first_token_and_needs_ids():
+    ids = torch.tensor([[1, 9], [2, 9], [3, 9]])
+    rewards = torch.tensor([1.0, 0.0, 0.0], dtype=D)
+    mask = torch.tensor([[1, 1], [1, 1], [1, 0]], dtype=D)
+    td = ADVANTAGES["tempo"](rewards=rewards, group_index=torch.zeros(3), mask=mask,
+                             response_ids=ids.masked_fill(mask == 0, -1), outcome_coef=0.0)
+    r = ADVANTAGES["grpo"](rewards=rewards, group_index=torch.zeros(3), mask=mask)[:, 0]
+    assert torch.allclose(td[:, 0], r) and torch.equal(td[:, 1], torch.zeros(3, dtype=D))
+    with pytest.raises(ValueError, match="tempo: response_ids"):
+        ADVANTAGES["tempo"](rewards=rewards, group_index=torch.zeros(3), mask=mask)

@@ -265,8 +265,10 @@ def test_advantages_finite_masked_and_centred(name, rewards, seed):
     B = len(rewards)
     group = torch.randint(0, 3, (B,), generator=g)
     mask = (torch.rand(B, 4, generator=g) > 0.3).float()
-    extra = {"values": torch.randn(B, 4, generator=g) * 100} if "values" in getattr(ADVANTAGES[name], "needs", ()) \
-        else {}
+    need = getattr(ADVANTAGES[name], "needs", ())
+    extra = {"values": torch.randn(B, 4, generator=g) * 100} if "values" in need else {}
+    if "response_ids" in need:  # few distinct tokens, so the group's responses share prefixes
+        extra["response_ids"] = torch.randint(0, 2, (B, 4), generator=g).masked_fill(mask == 0, -1)
     a = ADVANTAGES[name](rewards=torch.tensor(rewards), group_index=group, mask=mask, **extra)
     assert a.shape == (B, 4) and torch.isfinite(a).all()
     assert torch.equal(a * (1 - mask), torch.zeros_like(a))

@@ -17,11 +17,12 @@ float dtype; advantages come back in ``mask``'s float dtype.
 ``opmd_logavgexp``    ``R_i − τ log mean_G exp(R/τ)``                    Trinity-RFT OPMD (code)
 ``asymre``            ``R_i − (mean_G R − β)``                           arXiv:2506.20520
 ``optimal_baseline``  ``(R_i − b*_G) / σ_G``, b* weighted by w²‖g‖²     arXiv:2602.17616 (VCPO)
+``tempo``             grpo + ``V(y_{≤t}) − V(y_{<t})`` (prefix tree)    arXiv:2509.18314 (token level)
 ====================  ================================================  ==========================
 
 Estimators that need more than rewards take it as keyword tensors declared in
 their ``needs`` (must be given: ``gae`` needs ``values``) or ``optional``
-(``optimal_baseline`` takes ``log_weights`` and ``grad_norms``) attributes.
+(``optimal_baseline`` takes ``log_weights`` and ``grad_norms``; ``tempo`` needs ``response_ids``) attributes.
 
 A group of size 1 has no baseline, so every group-relative estimator here
 (``grpo``, ``dr_grpo``, ``rloo``, ``reinforce_pp``, ``opmd_logavgexp``, ``asymre``,
@@ -248,6 +249,61 @@ def asymre(*, rewards: torch.Tensor, group_index: torch.Tensor, mask: torch.Tens
     """
     n, dev, _ = group_stats(rewards, group_index)
     return _broadcast(torch.where(n > 1, dev + beta, torch.zeros_like(dev)), mask)
+
+
+def prefix_nodes(response_ids: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """(B, T) long: node of each token in its group's prefix tree (arXiv:2509.18314's Prefix-to-Tree).
+
+    Rows i, j share ``node[:, t]`` iff they are in the same group and ``response_ids[i, :t+1]`` equals
+    ``response_ids[j, :t+1]``. Exact (no hashing): node t is the pair (node t−1, token t) renumbered.
+    Padding must be a value no real token has (the learner uses −1).
+    """
+    if response_ids.ndim != 2 or group_index.shape != response_ids.shape[:1]:
+        raise ValueError(f"prefix_nodes: response_ids must be (B, T) and group_index (B,), got "
+                         f"{tuple(response_ids.shape)} and {tuple(group_index.shape)}")
+    _, node = torch.unique(group_index, return_inverse=True)
+    nodes, offset = [], 0
+    for t in range(response_ids.shape[1]):
+        _, local = torch.unique(torch.stack([node, response_ids[:, t].to(node.dtype)], dim=1), dim=0,
+                                return_inverse=True)
+        node = local + offset
+        offset += int(local.max()) + 1
+        nodes.append(node)
+    return torch.stack(nodes, dim=1) if nodes else response_ids.new_zeros(response_ids.shape)
+
+
+@ADVANTAGES.register("tempo", needs=("response_ids",), paper="arXiv:2509.18314",
+                     summary="grpo plus branch-gated TD credit V(s_t) − V(s_{t−1}) from the group's prefix tree")
+def tempo(*, rewards: torch.Tensor, group_index: torch.Tensor, mask: torch.Tensor,
+          response_ids: torch.Tensor | None = None, outcome_coef: float = 1.0, td_coef: float = 1.0, norm_by_std: bool = True,
+          eps: float = 1e-6) -> torch.Tensor:
+    """TEMPO: ``Â_{i,t} = outcome_coef · r̃_i + td_coef · (V(y_{i,≤t}) − V(y_{i,<t}))``.
+
+    ``r̃_i = (R_i − mean_G R) / (std_G R + eps)`` (grpo; ``norm_by_std=False``: ``R_i − mean_G R``) and
+    ``V(s)`` is the mean ``r̃`` of the group's responses that start with prefix ``s`` (Prefix-to-Tree), so
+    ``V(∅) = 0``. The TD term is non-zero only at a branching token, where some of the group's responses
+    that shared the prefix so far continue differently; elsewhere this is grpo. For a response whose tokens
+    are all policy tokens the TD terms sum to ``r̃_i`` (they telescope), so ``outcome_coef=0`` spreads the
+    sequence advantage over its branching tokens only: a wrong answer that shares its first digits with
+    right ones is pushed down at the digit where it went wrong, not on the shared digits.
+    ``response_ids`` (B, T): the responses, padding set to a value no token has. Singletons get 0.
+    The paper gates the TD term to branch tokens and adds it to GRPO's; its weighting is ``td_coef``.
+    """
+    if response_ids is None or response_ids.shape != mask.shape:
+        raise ValueError(f"tempo: response_ids must be (B, T) = {tuple(mask.shape)}, got "
+                         f"{None if response_ids is None else tuple(response_ids.shape)}")
+    n, dev, std = group_stats(rewards, group_index)
+    r = torch.where(n > 1, dev / (std + eps) if norm_by_std else dev, torch.zeros_like(dev))  # (B,) r̃
+    node = prefix_nodes(response_ids, group_index)  # (B, T)
+    flat = node.reshape(-1)
+    size = int(flat.max()) + 1 if flat.numel() else 0
+    r_tok = r[:, None].expand_as(node).reshape(-1)
+    total = torch.zeros(size, dtype=r.dtype, device=r.device).index_add_(0, flat, r_tok)
+    count = torch.zeros(size, dtype=r.dtype, device=r.device).index_add_(0, flat, torch.ones_like(r_tok))
+    value = (total / count.clamp(min=1))[node]  # (B, T): V(y_{≤t})
+    before = torch.cat([torch.zeros_like(value[:, :1]), value[:, :-1]], dim=1)  # V(y_{<t}), V(∅) = 0
+    td = (value - before).to(mask.dtype)
+    return _broadcast(r, mask) * outcome_coef + td_coef * td * mask
 
 
 @ADVANTAGES.register("optimal_baseline", optional=("log_weights", "grad_norms"), paper="arXiv:2602.17616",

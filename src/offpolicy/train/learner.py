@@ -254,6 +254,8 @@ class Learner:
             extra["log_weights"] = ((old_logp - batch.behavior_logp) * batch.mask).sum(-1)  # (B,) sequence IS
         if "token_rewards" in wanted and batch.token_rewards is not None:
             extra["token_rewards"] = batch.token_rewards
+        if "response_ids" in wanted:  # padding -> -1, which no token has
+            extra["response_ids"] = batch.response_ids.masked_fill(~batch.attention_mask[:, batch.prompt_len:], -1)
         rewards, group_index, mask = batch.rewards, batch.group_index, batch.mask
         if cfg.red_drop:
             keep = red_drop(rewards, group_index, self.drop_gen)  # (B,) balance negatives per group
