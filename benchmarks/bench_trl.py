@@ -7,7 +7,7 @@
     PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py --reuse --seeds 12 --name trl_comparison_pooled
                                                                       # all 12 seeds' runs, one target
 
-All three systems start from the same weights: the shipped SFT checkpoint
+All systems start from the same weights: the shipped SFT checkpoint
 ``tests/fixtures/tiny_addition_sft`` (0.41M-parameter tiny GPT, ~28% held-out greedy accuracy on
 2-digit addition), exported for TRL as an equivalent ``transformers`` GPT-2 with
 ``offpolicy.policy.export.export_hf`` (same logits to 1e-5, same greedy generations; see
@@ -21,7 +21,14 @@ step, completions per prompt, completion length (6 tokens), temperature 1, learn
 - ``grpo_onpolicy``: ``recipes/grpo_onpolicy.yaml`` (one update per rollout step on the fresh groups);
 - ``quickstart``: ``recipes/quickstart.yaml`` (off-policy: 4 updates per step, each on half the new
   number of groups, drawn from a replay buffer of groups at most 4 versions stale, PPO clip against
-  the behaviour log-probs), both run with ``policy.init=<fixture> sft.steps=0``.
+  the behaviour log-probs);
+- ``rec_replay``: ``recipes/rec_replay.yaml`` (REC-OneSide-NoIS, arXiv:2509.24203: the same 4 x P/2 reuse,
+  uniform sampling from groups at most 4 versions stale, one-sided clip mask, no importance weights);
+- ``decoupled_tis``: ``recipes/decoupled_tis.yaml`` (the same reuse; PPO clip against the proximal
+  policy and, separately, a token-level truncated weight proximal / behaviour: the decoupled
+  objective an asynchronous runner uses, here on stale replayed groups);
+- ``topr_reuse`` and ``psr_reuse``: 32 updates per step from groups at most 2 steps old (TOPR, and TOPR
+  with the negatives' weight 0); all run with ``policy.init=<fixture> sft.steps=0``.
 
 Held-out greedy accuracy is measured after every step on the same 300 eval-split problems for every
 system (the runner's ``eval.n_problems=300`` set; TRL's model is evaluated with offpolicy's
@@ -64,26 +71,32 @@ from common import RESULTS, machine, markdown_table, write_json  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SFT = ROOT / "tests" / "fixtures" / "tiny_addition_sft"
 RECIPES = {name: ROOT / "recipes" / f"{name}.yaml"
-           for name in ("grpo_onpolicy", "quickstart", "topr_reuse", "psr_reuse")}
-OFFPOLICY = ("quickstart", "topr_reuse", "psr_reuse")  # our off-policy recipes in the comparison
+           for name in ("grpo_onpolicy", "quickstart", "rec_replay", "decoupled_tis", "topr_reuse", "psr_reuse")}
+# our off-policy recipes in the comparison, as shipped (none tuned on this benchmark but psr_reuse's minibatch)
+OFFPOLICY = ("quickstart", "rec_replay", "decoupled_tis", "topr_reuse", "psr_reuse")
+HALF_BATCH = ("quickstart", "rec_replay", "decoupled_tis")  # 4 updates x (P/2) groups per P new groups
 # The recipe whose ratios are the headline keys, declared before its runs (no pick-the-best after the fact).
 # psr_reuse (negative weight 0) was chosen from diagnostics on seeds 0-2 and its minibatch (32 updates x 8 groups
 # per step) on seeds 0-5: seeds 6-14 (--first-seed 6, 9, 12) are the check no choice was made on.
 HEADLINE = "psr_reuse"
 SYSTEMS = ("trl", "grpo_onpolicy", *OFFPOLICY)
 NAMES = {"trl": "TRL GRPOTrainer", "grpo_onpolicy": "offpolicy on-policy GRPO",
-         "quickstart": "offpolicy off-policy (quickstart)", "topr_reuse": "offpolicy off-policy (topr_reuse)",
+         "quickstart": "offpolicy off-policy (quickstart)", "rec_replay": "offpolicy off-policy (rec_replay)",
+         "decoupled_tis": "offpolicy off-policy (decoupled_tis)", "topr_reuse": "offpolicy off-policy (topr_reuse)",
          "psr_reuse": "offpolicy off-policy (psr_reuse)"}
-COLORS = {"trl": "tab:red", "grpo_onpolicy": "tab:blue", "quickstart": "tab:green", "topr_reuse": "tab:purple",
+COLORS = {"trl": "tab:red", "grpo_onpolicy": "tab:blue", "quickstart": "tab:green", "rec_replay": "tab:brown",
+          "decoupled_tis": "tab:gray", "topr_reuse": "tab:purple",
           "psr_reuse": "tab:orange"}
 GAINS = (0.10, 0.20, 0.30)  # targets reported from the same runs (the headline is --gain, default 0.20)
 TASK = {"name": "addition", "params": {"min_digits": 2, "max_digits": 2}}
 MAX_NEW_TOKENS, TEMPERATURE, LR = 6, 1.0, 1e-4
 
 SHORT = {"prompts_per_step": 128, "group_size": 8, "eval_problems": 300, "eval_every": 1,
-         "ours_steps": {"grpo_onpolicy": 60, "quickstart": 30, "topr_reuse": 12, "psr_reuse": 12}, "trl_budget_s": 240.0,
+         "ours_steps": {"grpo_onpolicy": 60, "quickstart": 30, "rec_replay": 30, "decoupled_tis": 30,
+                        "topr_reuse": 12, "psr_reuse": 12}, "trl_budget_s": 240.0,
          "trl_max_steps": 400}
-FULL = {**SHORT, "ours_steps": {"grpo_onpolicy": 100, "quickstart": 40, "topr_reuse": 20, "psr_reuse": 20}, "trl_budget_s": 400.0,
+FULL = {**SHORT, "ours_steps": {"grpo_onpolicy": 100, "quickstart": 40, "rec_replay": 40,
+                          "decoupled_tis": 40, "topr_reuse": 20, "psr_reuse": 20}, "trl_budget_s": 400.0,
         "trl_max_steps": 800}
 
 
@@ -139,7 +152,7 @@ def run_ours(label: str, seed: int, s: dict[str, Any], out: Path) -> dict[str, A
                  f"eval.every={s['eval_every']}", f"eval.n_problems={s['eval_problems']}", "eval.samples=0",
                  "run.checkpoint_every=0", "run.progress=false", "run.threads=2",
                  f"run.seed={seed}", f"run.out_dir={out}", f"run.name=bench_trl/{label}/seed{seed}"]
-    if label == "quickstart":  # keep the recipe's reuse: 4 updates x (P/2) groups per P new groups
+    if label in HALF_BATCH:  # keep the recipe's reuse: 4 updates x (P/2) groups per P new groups
         overrides.append(f"rl.groups_per_update={P // 2}")
     elif label == "grpo_onpolicy":
         overrides.append(f"rl.groups_per_update={P}")
