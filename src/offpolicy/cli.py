@@ -159,10 +159,13 @@ def compare(
                              say=lambda msg: typer.echo(msg, err=True))
     except USER_ERRORS as e:
         _fail(e, debug)
-    def fmt(st: dict, f: str = "{:.3f}") -> str:  # "mean [min, max]" over seeds
-        return "—" if st["mean"] is None else f"{f.format(st['mean'])} [{f.format(st['min'])}, {f.format(st['max'])}]"
+    def fmt(st: dict, f: str = "{:.3f}") -> str:  # "mean ± half-width of the 95% CI" over seeds
+        if st["mean"] is None:
+            return "—"
+        ci = st.get("ci95")
+        return f.format(st["mean"]) + ("" if ci is None else f" ± {f.format((ci[1] - ci[0]) / 2)}")
 
-    table = Table(title=f"compare: {seeds} seed(s), mean [min, max]", title_justify="left")
+    table = Table(title=f"compare: {seeds} seed(s), mean ± 95% CI of the mean (Student t)", title_justify="left")
     for col in ("label", "start greedy", "final greedy", "rollouts", "RL seconds", "to target: rollouts",
                 "to target: s"):
         table.add_column(col)

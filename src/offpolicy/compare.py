@@ -7,11 +7,12 @@ none), so ``compare`` can be interrupted and called again with the same argument
 
 Then, from every run's ``metrics.jsonl`` and ``summary.json``:
 
-- ``OUT/compare.json`` — per label, the mean / min / max over seeds of the final held-out greedy
-  accuracy, the rollouts and RL wall-clock used, and (with a target) the rollouts, RL wall-clock
-  and learner steps at the first evaluation that reached the target;
+- ``OUT/compare.json`` — per label, the mean, standard deviation, 95% confidence interval of the
+  mean (Student t, ``ci95``) and min / max over seeds of the final held-out greedy accuracy, the
+  rollouts and RL wall-clock used, and (with a target) the rollouts, RL wall-clock and learner
+  steps at the first evaluation that reached the target;
 - ``OUT/compare_accuracy.png`` — held-out greedy accuracy vs rollouts, vs RL wall-clock and vs
-  learner steps: the mean over seeds with a min–max band;
+  learner steps: the mean over seeds with its 95% confidence band (none for a single seed);
 - ``OUT/compare_offpolicy.png`` — staleness and effective sample size of the training batches.
 
 Curves start at the evaluation that opens the RL stage. "RL wall-clock" is the sum of
@@ -22,7 +23,9 @@ time, which depend on how often one evaluates, are not charged to a recipe.
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -166,11 +169,37 @@ def first_reach(curve: dict[str, list[float]], target: float) -> dict[str, float
     return None
 
 
+# two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30; beyond, z + (z³ + z) / (4 df) (Cornish–Fisher)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom (``df >= 1``)."""
+    if df < 1:
+        raise ValueError(f"t975 needs df >= 1, got {df}")
+    z = 1.959964
+    return _T975[df - 1] if df <= len(_T975) else z + (z**3 + z) / (4 * df)
+
+
+def ci95(vals: list[float]) -> tuple[float, float] | None:
+    """95% confidence interval of the mean of ``vals`` (``mean ± t975(n−1) · sd / √n``); None below 2 values."""
+    n = len(vals)
+    if n < 2:
+        return None
+    mean = sum(vals) / n
+    half = t975(n - 1) * statistics.stdev(vals) / math.sqrt(n)
+    return mean - half, mean + half
+
+
 def stats(values: list[float | None]) -> dict[str, Any]:
+    """Mean, sd, 95% CI of the mean (Student t), min and max of the values that are not None."""
     vals = [v for v in values if v is not None]
     if not vals:
-        return {"mean": None, "min": None, "max": None, "values": values}
-    return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "values": values}
+        return {"mean": None, "sd": None, "ci95": None, "min": None, "max": None, "values": values}
+    ci = ci95(vals)
+    return {"mean": sum(vals) / len(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else None,
+            "ci95": list(ci) if ci else None, "min": min(vals), "max": max(vals), "values": values}
 
 
 def resolve_target(target: str | None, curves: dict[str, list[dict]]) -> float | None:
@@ -231,7 +260,9 @@ def compare(recipes: list[Path], overrides: list[str], *, seeds: int, out: Path,
 
 # ---- plots -------------------------------------------------------------------------------------
 def _band(runs: list[dict[str, list]], xkey: str, ykey: str):
-    """Mean x, mean y, min y, max y over seeds, aligned by index (seeds share the eval schedule)."""
+    """Mean x, mean y and y's 95% confidence band over seeds, aligned by index (seeds share the eval schedule).
+
+    With one seed the band collapses onto the mean."""
     pts = [[(x, y) for x, y in zip(c[xkey], c[ykey]) if y is not None] for c in runs]
     n = min((len(p) for p in pts), default=0)
     if n == 0:
@@ -239,7 +270,9 @@ def _band(runs: list[dict[str, list]], xkey: str, ykey: str):
     cols = [[p[i] for p in pts] for i in range(n)]
     xs = [sum(x for x, _ in col) / len(col) for col in cols]
     ys = [[y for _, y in col] for col in cols]
-    return xs, [sum(y) / len(y) for y in ys], [min(y) for y in ys], [max(y) for y in ys]
+    means = [sum(y) / len(y) for y in ys]
+    cis = [ci95(y) or (m, m) for y, m in zip(ys, means)]
+    return xs, means, [lo for lo, _ in cis], [hi for _, hi in cis]
 
 
 def _draw(ax, curves, xkey, ykey) -> bool:
@@ -270,7 +303,7 @@ def plot_comparison(curves: dict[str, list[dict]], out: Path, target: float | No
             ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.3f}")
         ax.set(xlabel=xlabel, ylabel="held-out greedy accuracy", ylim=(0, 1))
         ax.grid(alpha=0.3)
-    acc_png = _save(fig, axes, "Held-out greedy accuracy: mean over seeds, band = min–max", out / "compare_accuracy.png")
+    acc_png = _save(fig, axes, "Held-out greedy accuracy: mean over seeds, band = 95% CI of the mean (Student t)", out / "compare_accuracy.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (key, ylabel) in zip(axes, (("offpolicy/staleness_mean", "mean staleness (policy versions)"),
@@ -279,7 +312,7 @@ def plot_comparison(curves: dict[str, list[dict]], out: Path, target: float | No
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
         ax.set(xlabel="RL step", ylabel=ylabel)
         ax.grid(alpha=0.3)
-    off_png = _save(fig, axes, "Training batches: staleness and effective sample size (mean over seeds, min–max band)",
+    off_png = _save(fig, axes, "Training batches: staleness and effective sample size (mean over seeds, 95% CI band)",
                     out / "compare_offpolicy.png")
     return [acc_png, off_png]
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import offpolicy.compare as compare_mod
 from offpolicy.cli import app
-from offpolicy.compare import dedupe, first_reach, plan, resolve_target, split_args
+from offpolicy.compare import ci95, dedupe, first_reach, plan, resolve_target, split_args, stats, t975
 from offpolicy.config import ConfigError
 
 # 3 RL steps with an evaluation after each: a ~1 s run with a 4-point learning curve
@@ -53,6 +53,7 @@ def test_two_recipes_two_seeds_then_nothing_reruns(recipes, tmp_path, monkeypatc
             assert (out / label / f"seed{seed}" / "summary.json").exists()
         acc = entry["final_greedy_acc"]
         assert len(acc["values"]) == 2 and acc["min"] <= acc["mean"] <= acc["max"]
+        assert acc["ci95"][0] <= acc["mean"] <= acc["ci95"][1]
         assert entry["rollouts"]["values"] == [3 * 4 * 4, 3 * 4 * 4]  # steps × prompts × group size
         assert entry["to_target"]["reached"] == 2  # accuracy >= 0 at the first evaluation
         assert entry["to_target"]["rollouts"]["values"] == [0, 0]
@@ -145,3 +146,17 @@ def test_plan_and_helpers(recipes, tmp_path):
                                         "accuracy": 0.5}
     assert first_reach(curve, 0.9) is None
     assert resolve_target("+0.1", {"a": [curve, {**curve, "acc": [0.4]}]}) == pytest.approx(0.4)
+
+
+def test_confidence_interval_of_the_mean_over_seeds():
+    # [1, 2, 3]: mean 2, sd 1, t_{0.975, 2} = 4.303 -> 2 ± 4.303 / sqrt(3) = 2 ± 2.4843
+    lo, hi = ci95([1.0, 2.0, 3.0])
+    assert lo == pytest.approx(2 - 2.48434, abs=1e-4) and hi == pytest.approx(2 + 2.48434, abs=1e-4)
+    assert ci95([0.5]) is None and stats([0.5, None])["ci95"] is None and stats([None])["mean"] is None
+    s = stats([0.4, 0.6, None])
+    assert s["mean"] == pytest.approx(0.5) and s["sd"] == pytest.approx(0.141421, abs=1e-6)
+    assert s["ci95"] == pytest.approx([0.5 - 12.706 * 0.1, 0.5 + 12.706 * 0.1])  # df 1: sd/sqrt(2) = 0.1
+    # the table ends at df 30; the Cornish-Fisher expansion continues it (t_{0.975, 40} = 2.021, 120: 1.980)
+    assert t975(30) == 2.042 and t975(40) == pytest.approx(2.021, abs=2e-3) and t975(120) == pytest.approx(1.980, abs=1e-3)
+    with pytest.raises(ValueError, match="df >= 1"):
+        t975(0)
