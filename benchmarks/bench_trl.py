@@ -88,8 +88,8 @@ NAMES = {"trl": "TRL GRPOTrainer", "grpo_onpolicy": "offpolicy on-policy GRPO",
          "opmd_replay": "offpolicy off-policy (opmd_replay)",
          "decoupled_tis": "offpolicy off-policy (decoupled_tis)", "topr_reuse": "offpolicy off-policy (topr_reuse)",
          "psr_reuse": "offpolicy off-policy (psr_reuse)"}
-COLORS = {"trl": "tab:red", "grpo_onpolicy": "tab:blue", "quickstart": "tab:green", "rec_replay": "tab:brown", "opmd_replay": "tab:olive",
-          "decoupled_tis": "tab:gray", "topr_reuse": "tab:purple",
+COLORS = {"trl": "tab:red", "grpo_onpolicy": "tab:blue", "quickstart": "tab:green", "rec_replay": "tab:brown",
+          "opmd_replay": "tab:olive", "decoupled_tis": "tab:gray", "topr_reuse": "tab:purple",
           "psr_reuse": "tab:orange"}
 GAINS = (0.10, 0.20, 0.30)  # targets reported from the same runs (the headline is --gain, default 0.20)
 TASK = {"name": "addition", "params": {"min_digits": 2, "max_digits": 2}}

@@ -303,7 +303,8 @@ def plot_comparison(curves: dict[str, list[dict]], out: Path, target: float | No
             ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.3f}")
         ax.set(xlabel=xlabel, ylabel="held-out greedy accuracy", ylim=(0, 1))
         ax.grid(alpha=0.3)
-    acc_png = _save(fig, axes, "Held-out greedy accuracy: mean over seeds, band = 95% CI of the mean (Student t)", out / "compare_accuracy.png")
+    acc_png = _save(fig, axes, "Held-out greedy accuracy: mean over seeds, band = 95% CI of the mean (Student t)",
+                    out / "compare_accuracy.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (key, ylabel) in zip(axes, (("offpolicy/staleness_mean", "mean staleness (policy versions)"),

@@ -275,8 +275,8 @@ def prefix_nodes(response_ids: torch.Tensor, group_index: torch.Tensor) -> torch
 @ADVANTAGES.register("tempo", needs=("response_ids",), paper="arXiv:2509.18314",
                      summary="grpo plus branch-gated TD credit V(s_t) − V(s_{t−1}) from the group's prefix tree")
 def tempo(*, rewards: torch.Tensor, group_index: torch.Tensor, mask: torch.Tensor,
-          response_ids: torch.Tensor | None = None, outcome_coef: float = 1.0, td_coef: float = 1.0, norm_by_std: bool = True,
-          eps: float = 1e-6) -> torch.Tensor:
+          response_ids: torch.Tensor | None = None, outcome_coef: float = 1.0, td_coef: float = 1.0,
+          norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """TEMPO: ``Â_{i,t} = outcome_coef · r̃_i + td_coef · (V(y_{i,≤t}) − V(y_{i,<t}))``.
 
     ``r̃_i = (R_i − mean_G R) / (std_G R + eps)`` (grpo; ``norm_by_std=False``: ``R_i − mean_G R``) and
