@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_trl import LR, MAX_NEW_TOKENS, SFT, TEMPERATURE  # noqa: E402  (the comparison's settings)
 from common import RESULTS, machine, markdown_table, write_json  # noqa: E402
 
 from offpolicy.compare import rl_curve  # noqa: E402
@@ -40,11 +41,11 @@ from offpolicy.config import load_config  # noqa: E402
 from offpolicy.train.runner import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SFT = ROOT / "tests" / "fixtures" / "tiny_addition_sft"
 RECIPE = ROOT / "recipes" / "psr_reuse.yaml"
 # bench_trl's shared settings (one rollout step = 128 prompts x 8 responses), evaluation after every step
 COMMON = [f"policy.init={SFT}", "sft.steps=0", "rl.prompts_per_step=128", "rl.group_size=8",
-          "sampling.max_new_tokens=6", "sampling.temperature=1.0", "rl.optim.lr=0.0001", "eval.every=1",
+          f"sampling.max_new_tokens={MAX_NEW_TOKENS}", f"sampling.temperature={TEMPERATURE}", f"rl.optim.lr={LR}",
+          "eval.every=1",
           "eval.n_problems=300", "eval.samples=0", "run.checkpoint_every=0", "run.progress=false", "run.threads=2"]
 TOPR_NEGATIVES = "rl.loss_params.neg_high=1"  # TOPR's canonical [0, 1] weight for negatives (topr_reuse's loss)
 VARIANTS: dict[str, list[str]] = {

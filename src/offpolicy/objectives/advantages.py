@@ -258,10 +258,9 @@ def prefix_nodes(response_ids: torch.Tensor, group_index: torch.Tensor) -> torch
     ``response_ids[j, :t+1]``. Exact (no hashing): node t is the pair (node t−1, token t) renumbered.
     Padding must be a value no real token has (the learner uses −1).
     """
-    if response_ids.ndim != 2 or group_index.shape != response_ids.shape[:1]:
-        raise ValueError(f"prefix_nodes: response_ids must be (B, T) and group_index (B,), got "
-                         f"{tuple(response_ids.shape)} and {tuple(group_index.shape)}")
-    _, node = torch.unique(group_index, return_inverse=True)
+    if response_ids.ndim != 2:
+        raise ValueError(f"prefix_nodes: response_ids must be (B, T), got {tuple(response_ids.shape)}")
+    node, _ = _group_ids(group_index, response_ids.shape[0])  # the root of each group's tree
     nodes, offset = [], 0
     for t in range(response_ids.shape[1]):
         _, local = torch.unique(torch.stack([node, response_ids[:, t].to(node.dtype)], dim=1), dim=0,
