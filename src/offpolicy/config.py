@@ -31,7 +31,7 @@ def _yaml_load(text: str) -> Any:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 class RunConfig(_Strict):
@@ -42,6 +42,12 @@ class RunConfig(_Strict):
     checkpoint_every: int = 50  # RL steps between checkpoints (one is always written at the end)
     progress: bool = True  # rich progress bar and tables on the console
     save_experiences: bool = False  # append every RL rollout to experiences.jsonl (for offline RL and `offpolicy ope`)
+    mode: Literal["sync", "async", "offline"] = "sync"  # the RL loop: alternate / concurrent Ray workers / a log
+    device: str = "cpu"  # the learner's device ("cpu", "cuda", "cuda:1"); engines run where their worker runs
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the learner's parameter dtype
+    ray_address: str | None = None  # async mode: join this Ray cluster (`ray start --head`); None = a local one
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # sinks beside metrics.jsonl
+    keep_checkpoints: int = 2  # newest step checkpoints kept (the named sft / final ones always stay)
 
 
 class PolicyConfig(_Strict):
@@ -104,7 +110,7 @@ class BufferConfig(_Strict):
     capacity: int = 4096  # groups kept at most (oldest evicted first, counted)
     sampling: str = "uniform"  # which stored groups an update trains on: fifo, uniform, variance, return_weighted, recent_mix
     sampling_params: dict[str, Any] = Field(default_factory=dict)  # hyperparameters of the sampling strategy
-    max_staleness: int = 4  # groups older than this many policy versions are evicted (counted)
+    max_staleness: int | None = 4  # groups older than this many policy versions are evicted (counted); None = no bound
     max_uses: int | None = None  # a group retires after this many updates used it (None = no limit)
 
 
@@ -127,10 +133,27 @@ class RLConfig(_Strict):
     drop_uninformative_groups: bool = True  # groups whose rewards are all equal carry no signal: counted, not stored
     skip_zero_rows: bool = True  # skip the forward/backward of rows the loss declares exactly zero (same gradient)
     red_drop: bool = False  # RED-Drop (arXiv:2509.24203): drop surplus negatives per group before advantages
+    micro_batch_size: int | None = None  # rows per forward/backward; gradients accumulate to the whole batch's
     expert_per_group: int = 0  # expert traces (task solutions) added to every group: LUFFY/CHORD-style mixing
     controllers: dict[str, dict[str, Any]] = Field(default_factory=dict)  # stateful schedules, see train/learner.py
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+
+
+class AsyncConfig(_Strict):
+    num_workers: int = 1  # rollout workers (Ray actors), each with its own engine and copy of the weights
+    num_cpus: int | None = None  # CPUs of the local Ray instance (None = Ray's own count); ignored with run.ray_address
+    worker_threads: int = 1  # torch threads inside each rollout worker
+    groups_per_request: int = 16  # prompts (groups) a worker generates per call
+    sync_every: int = 1  # learner updates between weight broadcasts through Ray's object store
+    partial_rollout: bool = False  # swap weights between decode chunks inside a generation (in-flight updates)
+    chunk_tokens: int = 2  # decode steps per chunk when partial_rollout is on
+    replay_schedule: str | None = None  # a recorded schedule.jsonl: reproduce that async run exactly, without Ray
+
+
+class OfflineConfig(_Strict):
+    path: str | None = None  # experiences to learn from (.jsonl as run.save_experiences writes, or .parquet)
+    shuffle: bool = True  # draw groups in a seeded random order (False = file order)
 
 
 class Config(_Strict):
@@ -141,6 +164,8 @@ class Config(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")  # run.mode=async
+    offline: OfflineConfig = Field(default_factory=OfflineConfig)  # run.mode=offline
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -213,4 +238,4 @@ def _describe(err: ValidationError, path) -> str:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
