@@ -41,6 +41,9 @@ class Experience:
     token_rewards: list[float] | None = None
     turn_ids: list[int] | None = None
     created_at: float = field(default_factory=time.time)
+    engine: str | None = None  # the engine that sampled it ("tiny", "hf", later "vllm"); None for expert/offline
+    sampling: dict[str, Any] | None = None  # the sampling parameters: temperature, top_p, max_new_tokens
+    dtype: str | None = None  # the engine's weight dtype ("float32", "bfloat16", ...)
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
