@@ -134,7 +134,7 @@ def generation_contenders(policy: Policy, hf, batch: int):
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0)
     attn = torch.ones_like(prompts)
     return {
-        "ours": lambda: engine.generate(prompt_lists, params, seed=1),
+        "ours": lambda: engine.sample(prompt_lists, params, seed=1),
         "limit": lambda: limit_generate(policy.model, prompts, NEW_TOKENS, torch.Generator().manual_seed(1)),
         "hf": lambda: hf.generate(input_ids=prompts, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0,
                                   temperature=1.0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),

@@ -113,8 +113,9 @@ def start_accuracy(seed: int, n: int) -> float:
 
     task = make_task(TASK["name"], **TASK["params"])
     problems = task.problems(n, split="eval", seed=eval_seed(seed))
-    engine = TinyEngine(load_policy(SFT))
-    return evaluate(engine, problems, task.score, max_new_tokens=MAX_NEW_TOKENS, samples=0)["eval/greedy_acc"]
+    policy = load_policy(SFT)
+    engine = TinyEngine(policy)
+    return evaluate(engine, policy.tokenizer, problems, task.score, max_new_tokens=MAX_NEW_TOKENS, samples=0)["eval/greedy_acc"]
 
 
 def peak_rss_mb() -> float:
@@ -122,7 +123,7 @@ def peak_rss_mb() -> float:
 
 
 def eval_seed(seed: int) -> int:
-    return seed + 10_007  # the runner's held-out set for run.seed = seed (offpolicy.train.runner.setup)
+    return seed + 10_007  # the runner's held-out set for run.seed = seed (offpolicy.train.context.setup)
 
 
 # ---- worker: offpolicy (one recipe, one seed) -------------------------------------------------
@@ -271,8 +272,9 @@ def run_trl(seed: int, s: dict[str, Any], out: Path, target: float | None) -> di
         was = m.training
         gen["evaluating"] = True
         m.eval()
-        engine = HFEngine(Policy(m, HFTokenizer(tokenizer), "hf"), max_batch=len(eval_problems))
-        acc = evaluate(engine, eval_problems, task.score, max_new_tokens=MAX_NEW_TOKENS, samples=0)["eval/greedy_acc"]
+        policy = Policy(m, HFTokenizer(tokenizer), "hf")
+        engine = HFEngine(policy, max_batch=len(eval_problems))  # a copy of TRL's current weights
+        acc = evaluate(engine, policy.tokenizer, eval_problems, task.score, max_new_tokens=MAX_NEW_TOKENS, samples=0)["eval/greedy_acc"]
         m.train(was)
         gen["evaluating"] = False
         return acc

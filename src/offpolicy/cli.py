@@ -76,7 +76,7 @@ def eval_cmd(
         t = make_task(task, **kw)
         policy = load_policy(checkpoint)
         problems = t.problems(n, split="eval", seed=seed + 10_007)
-        result = evaluate(make_engine(policy), problems, t.score, max_new_tokens=max_new_tokens, samples=samples,
+        result = evaluate(make_engine(policy), policy.tokenizer, problems, t.score, max_new_tokens=max_new_tokens, samples=samples,
                           temperature=temperature, seed=seed)
     except USER_ERRORS as e:
         _fail(e, debug)

@@ -94,7 +94,7 @@ def test_hf_engine_logprobs_match_the_policy(hf_dir, params):
     engine = make_engine(policy)
     assert isinstance(engine, HFEngine)
     prompts = [policy.tokenizer.encode(t) for t in ("12+345=", "7+8=", "1 + 1 =")]  # left padding of 3 lengths
-    gens = engine.generate(prompts, params, seed=0)
+    gens = engine.sample(prompts, params, seed=0)
     assert len(gens) == 3 and all(1 <= len(g.response_ids) == len(g.logprobs) <= 6 for g in gens)
     learner, behaviour = _behaviour_vs_learner(policy, gens, prompts, 1.0 if params.greedy else params.temperature)
     assert torch.allclose(learner, behaviour, atol=1e-4)
@@ -105,8 +105,8 @@ def test_hf_engine_seeds_reproduce(hf_dir):
     policy = load_policy(hf_dir)
     engine = HFEngine(policy, max_batch=2)
     prompts = [policy.tokenizer.encode(t) for t in ("1+2=", "30+4=", "5+6=")]
-    a = engine.generate(prompts, SamplingParams(max_new_tokens=5), seed=3)
-    b = engine.generate(prompts, SamplingParams(max_new_tokens=5), seed=3)
+    a = engine.sample(prompts, SamplingParams(max_new_tokens=5), seed=3)
+    b = engine.sample(prompts, SamplingParams(max_new_tokens=5), seed=3)
     assert [g.response_ids for g in a] == [g.response_ids for g in b]
 
 
@@ -126,7 +126,7 @@ def test_learner_updates_an_hf_policy(hf_dir):
     policy = load_policy(hf_dir)
     tok = policy.tokenizer
     prompts = [tok.encode("1+2=")] * 4 + [tok.encode("30+4=")] * 4
-    gens = HFEngine(policy).generate(prompts, SamplingParams(max_new_tokens=4), seed=0)
+    gens = HFEngine(policy).sample(prompts, SamplingParams(max_new_tokens=4), seed=0)
     exps = [Experience(p, g.response_ids, reward=float(i % 2), behavior_logprobs=g.logprobs, group_id=str(i // 4))
             for i, (p, g) in enumerate(zip(prompts, gens))]
     before = [p.detach().clone() for p in policy.parameters()]
@@ -141,7 +141,7 @@ def test_zero_loss_rows_are_skipped_on_an_hf_policy_with_the_same_gradient(hf_di
     """PSR (TOPR, negative weight 0) on an HF model: the negatives are not forwarded, the gradient is unchanged."""
     tok = load_policy(hf_dir).tokenizer
     prompts = [tok.encode("1+2=")] * 4 + [tok.encode("30+4=")] * 4
-    gens = HFEngine(load_policy(hf_dir)).generate(prompts, SamplingParams(max_new_tokens=4), seed=0)
+    gens = HFEngine(load_policy(hf_dir)).sample(prompts, SamplingParams(max_new_tokens=4), seed=0)
     exps = [Experience(p, g.response_ids, reward=float(i % 2), behavior_logprobs=g.logprobs, group_id=str(i // 4))
             for i, (p, g) in enumerate(zip(prompts, gens))]
     batch = collate(exps, tok.pad_id)

@@ -19,7 +19,7 @@ from offpolicy.objectives import POLICY_LOSSES
 from offpolicy.policy.model import build_tiny, load_policy
 from offpolicy.policy.tiny import TinyConfig
 from offpolicy.report.metrics import read_metrics
-from offpolicy.train import runner
+from offpolicy.train import context as runner  # checkpoint() lives in the shared context
 from offpolicy.train.checkpoint import latest_checkpoint, load_checkpoint
 from offpolicy.train.runner import train
 

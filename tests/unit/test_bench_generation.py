@@ -56,10 +56,10 @@ def test_fixed_length_policy_never_stops_early(model):
     with torch.no_grad():
         model.ln_f.bias.copy_(model.tok.weight[2] * 500)  # tied embeddings: EOS (id 2) becomes likely
     params = SamplingParams(max_new_tokens=6)
-    normal = TinyEngine(Policy(model, CharTokenizer(), "tiny")).generate([[5, 6, 7]] * 8, params, seed=0)
+    normal = TinyEngine(Policy(model, CharTokenizer(), "tiny")).sample([[5, 6, 7]] * 8, params, seed=0)
     assert any(len(g.response_ids) < 6 for g in normal)  # the shipped tokenizer stops at EOS...
     fixed = TinyEngine(bench.fixed_length_policy(Policy(model, CharTokenizer(), "tiny")))
-    assert all(len(g.response_ids) == 6 for g in fixed.generate([[5, 6, 7]] * 8, params, seed=0))  # ...this never
+    assert all(len(g.response_ids) == 6 for g in fixed.sample([[5, 6, 7]] * 8, params, seed=0))  # ...this never
 
 
 def test_summary_uses_the_least_disturbed_round():

@@ -33,7 +33,7 @@ def _learner_logprobs(policy, prompts, gens, temperature):
 def test_behaviour_logprobs_equal_the_learners_logprobs(tiny_policy, temperature):
     engine = TinyEngine(tiny_policy)
     prompts = _prompts(tiny_policy) * 2
-    gens = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=temperature), seed=0)
+    gens = engine.sample(prompts, SamplingParams(max_new_tokens=8, temperature=temperature), seed=0)
     learner, behaviour = _learner_logprobs(tiny_policy, prompts, gens, temperature)
     assert torch.allclose(learner, behaviour, atol=1e-5)
     assert (behaviour <= 0).all()
@@ -42,7 +42,7 @@ def test_behaviour_logprobs_equal_the_learners_logprobs(tiny_policy, temperature
 def test_greedy_logprobs_are_at_temperature_one(tiny_policy):
     engine = TinyEngine(tiny_policy)
     prompts = _prompts(tiny_policy)
-    gens = engine.generate(prompts, SamplingParams(max_new_tokens=6, greedy=True, temperature=0.5))
+    gens = engine.sample(prompts, SamplingParams(max_new_tokens=6, greedy=True, temperature=0.5))
     learner, behaviour = _learner_logprobs(tiny_policy, prompts, gens, 1.0)
     assert torch.allclose(learner, behaviour, atol=1e-5)
 
@@ -51,8 +51,8 @@ def test_greedy_is_deterministic_and_picks_the_argmax(tiny_policy):
     engine = TinyEngine(tiny_policy)
     prompts = _prompts(tiny_policy)
     params = SamplingParams(max_new_tokens=6, greedy=True)
-    a = engine.generate(prompts, params, seed=1)
-    b = engine.generate(prompts, params, seed=2)
+    a = engine.sample(prompts, params, seed=1)
+    b = engine.sample(prompts, params, seed=2)
     assert [g.response_ids for g in a] == [g.response_ids for g in b]
     # every greedy token is the argmax of the full-sequence forward pass
     tok = tiny_policy.tokenizer
@@ -69,9 +69,9 @@ def test_seeds_reproduce_and_differ(tiny_policy):
     engine = TinyEngine(tiny_policy)
     prompts = _prompts(tiny_policy) * 4
     params = SamplingParams(max_new_tokens=8)
-    a = engine.generate(prompts, params, seed=7)
-    b = engine.generate(prompts, params, seed=7)
-    c = engine.generate(prompts, params, seed=8)
+    a = engine.sample(prompts, params, seed=7)
+    b = engine.sample(prompts, params, seed=7)
+    c = engine.sample(prompts, params, seed=8)
     assert [g.response_ids for g in a] == [g.response_ids for g in b]
     assert [g.logprobs for g in a] == [g.logprobs for g in b]
     assert [g.response_ids for g in a] != [g.response_ids for g in c]
@@ -80,7 +80,7 @@ def test_seeds_reproduce_and_differ(tiny_policy):
 def test_generation_leaves_the_global_rng_and_train_mode_alone(tiny_policy):
     tiny_policy.model.train()
     state = torch.get_rng_state()
-    TinyEngine(tiny_policy).generate(_prompts(tiny_policy), SamplingParams(max_new_tokens=3), seed=0)
+    TinyEngine(tiny_policy).sample(_prompts(tiny_policy), SamplingParams(max_new_tokens=3), seed=0)
     assert torch.equal(torch.get_rng_state(), state)
     assert tiny_policy.model.training
 
@@ -108,22 +108,22 @@ def test_eos_stops_a_row_and_the_others_continue(tiny_policy):
     policy = Policy(EosFrom(tiny_policy.model, tok.eos_id, start=5), tok, "tiny")
     engine = TinyEngine(policy)
     short, long_ = tok.encode("1+1="), tok.encode("100+200=")  # 4 and 8 tokens
-    gens = engine.generate([short, long_, short], SamplingParams(max_new_tokens=6, greedy=True))
+    gens = engine.sample([short, long_, short], SamplingParams(max_new_tokens=6, greedy=True))
     # the long prompt ends past position 5: EOS at once; a short row's tokens sit at positions 4, 5, 6, and the
     # logits at position 5 say EOS, so it stops after 3 tokens while the other rows of the batch carry on
-    assert gens[1] == Generation([tok.eos_id], [pytest.approx(0.0)], True)
+    assert gens[1] == Generation([tok.eos_id], [pytest.approx(0.0)], True, [0])
     for g in (gens[0], gens[2]):
         assert len(g.response_ids) == len(g.logprobs) == 3 and g.finished
         assert g.response_ids[-1] == tok.eos_id and tok.eos_id not in g.response_ids[:-1]
     assert engine.tokens_generated == 7
-    sampled = engine.generate([short, long_], SamplingParams(max_new_tokens=6), seed=0)
+    sampled = engine.sample([short, long_], SamplingParams(max_new_tokens=6), seed=0)
     assert [len(g.response_ids) for g in sampled] == [3, 1] and all(g.finished for g in sampled)
 
 
 def test_rows_without_eos_run_to_max_new_tokens(tiny_policy):
     tok = tiny_policy.tokenizer
     policy = Policy(EosFrom(tiny_policy.model, tok.eos_id, start=100), tok, "tiny")
-    gens = TinyEngine(policy).generate([tok.encode("1+1=")], SamplingParams(max_new_tokens=4), seed=0)
+    gens = TinyEngine(policy).sample([tok.encode("1+1=")], SamplingParams(max_new_tokens=4), seed=0)
     assert len(gens[0].response_ids) == 4 and not gens[0].finished
 
 
@@ -132,9 +132,9 @@ def test_left_padding_gives_the_same_greedy_result_as_each_prompt_alone(tiny_pol
     prompts = _prompts(tiny_policy)
     assert len({len(p) for p in prompts}) > 1
     params = SamplingParams(max_new_tokens=8, greedy=True)
-    batched = engine.generate(prompts, params)
+    batched = engine.sample(prompts, params)
     for p, g in zip(prompts, batched):
-        (alone,) = engine.generate([p], params)
+        (alone,) = engine.sample([p], params)
         assert alone.response_ids == g.response_ids
         assert alone.logprobs == pytest.approx(g.logprobs, abs=1e-5)
 
@@ -142,17 +142,17 @@ def test_left_padding_gives_the_same_greedy_result_as_each_prompt_alone(tiny_pol
 def test_chunking_by_max_batch_gives_the_same_greedy_result(tiny_policy):
     prompts = _prompts(tiny_policy)
     params = SamplingParams(max_new_tokens=5, greedy=True)
-    whole = TinyEngine(tiny_policy).generate(prompts, params)
-    chunked = TinyEngine(tiny_policy, max_batch=3).generate(prompts, params)
+    whole = TinyEngine(tiny_policy).sample(prompts, params)
+    chunked = TinyEngine(tiny_policy, max_batch=3).sample(prompts, params)
     assert [g.response_ids for g in whole] == [g.response_ids for g in chunked]
 
 
 def test_counters_and_max_len(tiny_policy):
     engine = TinyEngine(tiny_policy)
-    gens = engine.generate(_prompts(tiny_policy), SamplingParams(max_new_tokens=4), seed=0)
+    gens = engine.sample(_prompts(tiny_policy), SamplingParams(max_new_tokens=4), seed=0)
     assert engine.tokens_generated == sum(len(g.response_ids) for g in gens) and engine.seconds > 0
     with pytest.raises(ValueError, match="max_len"):
-        engine.generate([[5] * 40], SamplingParams(max_new_tokens=9))
+        engine.sample([[5] * 40], SamplingParams(max_new_tokens=9))
 
 
 def test_make_engine_and_tiny_engine_kind_check(tiny_policy):
@@ -191,7 +191,7 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p_and_renormalises():
 def test_top_p_behaviour_logprobs_are_under_the_truncated_distribution(tiny_policy):
     engine = TinyEngine(tiny_policy)
     prompts = _prompts(tiny_policy)
-    gens = engine.generate(prompts, SamplingParams(max_new_tokens=6, top_p=0.3), seed=0)
+    gens = engine.sample(prompts, SamplingParams(max_new_tokens=6, top_p=0.3), seed=0)
     learner, behaviour = _learner_logprobs(tiny_policy, prompts, gens, 1.0)
     # renormalising over the nucleus raises every sampled token's log-prob above the full softmax's
     assert (behaviour >= learner - 1e-5).all() and (behaviour > learner + 1e-3).any()
@@ -257,9 +257,9 @@ def test_generate_takes_the_fast_path_only_for_equal_lengths(tiny_policy, monkey
         monkeypatch.setattr(engines, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     engine = TinyEngine(tiny_policy)
     params = SamplingParams(max_new_tokens=3)
-    engine.generate(_equal_length_prompts(tiny_policy), params, seed=0)
-    engine.generate(_prompts(tiny_policy), params, seed=0)
-    engine.generate([tiny_policy.tokenizer.encode("1+1=")], params, seed=0)
+    engine.sample(_equal_length_prompts(tiny_policy), params, seed=0)
+    engine.sample(_prompts(tiny_policy), params, seed=0)
+    engine.sample([tiny_policy.tokenizer.encode("1+1=")], params, seed=0)
     assert calls == ["_sample_unpadded", "_sample_padded", "_sample_unpadded"]
 
 
@@ -267,7 +267,7 @@ def test_generate_takes_the_fast_path_only_for_equal_lengths(tiny_policy, monkey
                                     SamplingParams(max_new_tokens=8, temperature=1.7)])
 def test_fast_path_logprobs_equal_the_learners_logprobs(tiny_policy, params):
     prompts = _equal_length_prompts(tiny_policy)
-    gens = TinyEngine(tiny_policy).generate(prompts, params, seed=0)
+    gens = TinyEngine(tiny_policy).sample(prompts, params, seed=0)
     learner, behaviour = _learner_logprobs(tiny_policy, prompts, gens, params.temperature)
     assert torch.allclose(learner, behaviour, atol=1e-5)
     assert (behaviour < 0).any()
@@ -279,7 +279,7 @@ def test_fast_path_eos_lengths_and_finished_flags(tiny_policy):
     # distinct prompts: the learner's shared-prompt path (rows with one prompt) needs the bare TinyGPT, not EosBoost
     prompts = [policy.tokenizer.encode(f"{10 + i}+{60 + i}=") for i in range(32)]
     engine = TinyEngine(policy)
-    gens = engine.generate(prompts, SamplingParams(max_new_tokens=8), seed=0)
+    gens = engine.sample(prompts, SamplingParams(max_new_tokens=8), seed=0)
     assert {g.finished for g in gens} == {True, False}
     for g in gens:
         assert len(g.response_ids) == len(g.logprobs) <= 8
@@ -293,15 +293,15 @@ def test_fast_path_eos_lengths_and_finished_flags(tiny_policy):
 
 def test_fast_path_greedy_picks_the_argmax_and_respects_max_len(tiny_policy):
     prompts = _equal_length_prompts(tiny_policy)
-    gens = TinyEngine(tiny_policy).generate(prompts, SamplingParams(max_new_tokens=6, greedy=True))
+    gens = TinyEngine(tiny_policy).sample(prompts, SamplingParams(max_new_tokens=6, greedy=True))
     for p, g in zip(prompts, gens):
         with torch.no_grad():
             logits = tiny_policy.model(torch.tensor([p + g.response_ids]))[0]
         assert [int(logits[len(p) + t - 1].argmax()) for t in range(len(g.response_ids))] == g.response_ids
     max_len = tiny_policy.model.cfg.max_len
     with pytest.raises(ValueError, match="max_len"):
-        TinyEngine(tiny_policy).generate([[5] * (max_len - 3)] * 2, SamplingParams(max_new_tokens=4))
-    (full,) = TinyEngine(tiny_policy).generate([[5] * (max_len - 4)], SamplingParams(max_new_tokens=4), seed=0)
+        TinyEngine(tiny_policy).sample([[5] * (max_len - 3)] * 2, SamplingParams(max_new_tokens=4))
+    (full,) = TinyEngine(tiny_policy).sample([[5] * (max_len - 4)], SamplingParams(max_new_tokens=4), seed=0)
     assert len(full.response_ids) <= 4
 
 

@@ -102,8 +102,8 @@ def test_greedy_generation_matches_across_engines(policy, tmp_path):
     hp = load_policy(export_hf(policy, tmp_path / "hf"))
     prompts = [policy.tokenizer.encode(t) for t in ["12+34=", "5+6=", "99+1=", "1+2="]]
     params = SamplingParams(max_new_tokens=6, greedy=True)
-    ours = TinyEngine(policy).generate(prompts, params)
-    theirs = HFEngine(hp).generate(prompts, params)
+    ours = TinyEngine(policy).sample(prompts, params)
+    theirs = HFEngine(hp).sample(prompts, params)
     assert [g.response_ids for g in theirs] == [g.response_ids for g in ours]
     for g, h in zip(ours, theirs):
         torch.testing.assert_close(torch.tensor(h.logprobs), torch.tensor(g.logprobs), atol=1e-4, rtol=1e-4)

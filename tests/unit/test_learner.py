@@ -29,7 +29,7 @@ def rollout_batch(policy, *, shift: float = 0.0, expert_rows: int = 0, version: 
     """
     tok = policy.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS for _ in range(GROUP)]
-    gens = TinyEngine(policy).generate(prompts, SamplingParams(max_new_tokens=5), seed=0)
+    gens = TinyEngine(policy).sample(prompts, SamplingParams(max_new_tokens=5), seed=0)
     exps = [Experience(p, g.response_ids, reward=float(i % GROUP) / GROUP,
                        behavior_logprobs=[lp + shift for lp in g.logprobs], policy_version=version,
                        group_id=f"g{i // GROUP}")

@@ -1,8 +1,17 @@
-"""Rollout engines: sample responses *and* the log-probability of every sampled token.
+"""Rollout engines: sample responses *and* the log-probability and policy version of every token.
 
 - :class:`TinyEngine` — a batched KV-cache sampler for the built-in tiny GPT
   (one forward pass per generated token for the whole batch).
 - :class:`HFEngine` — ``transformers``' ``generate`` for Hugging Face models.
+
+The boundary (DESIGN.md, "The runtime"): an engine **owns its copy of the weights**.
+It is built from a policy once (a deep copy), and from then on only
+:meth:`load_weights(named_tensors, version) <TinyEngine.load_weights>` changes them;
+it never reads the learner's live model. Every generated token carries the
+``version`` of the weights that produced it — with in-flight weight swaps
+(``on_chunk``, PipelineRL-style partial rollouts) the tokens of one response can
+carry different versions. A :class:`Request` is one prompt with its ``n`` samples
+(one GRPO group), so an engine with prefix sharing (vLLM's ``n=``) can use it.
 
 Both report log-probs under the distribution actually sampled from (logits /
 temperature, then top-p renormalisation) and count generated tokens and time,
@@ -11,9 +20,10 @@ so the runner can log ``rollout/tokens_per_s``.
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,19 +50,79 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+    def as_dict(self) -> dict:
+        """The provenance record an experience keeps (``Experience.sampling``)."""
+        if self.greedy:
+            return {"greedy": True, "max_new_tokens": self.max_new_tokens}
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+
+
 @dataclass
 class Generation:
     response_ids: list[int]  # includes the EOS token when the model stopped by itself
     logprobs: list[float]  # one per response token, under the sampling distribution
     finished: bool  # True if the model emitted EOS
+    versions: list[int] = field(default_factory=list)  # policy version of the weights behind each token
+
+
+@dataclass
+class Request:
+    """One prompt and how many samples of it to draw (a group): engines keep the ``n`` rows together."""
+
+    prompt_ids: list[int]
+    n: int = 1
+
+
+ChunkHook = Callable[[], None]  # called between decode chunks; may call engine.load_weights (in-flight update)
 
 
 class Engine(Protocol):
-    policy: Policy
+    name: str  # provenance: "tiny", "hf" (later "vllm", "sglang")
+    version: int  # the policy version of the weights it holds
+    dtype: str  # its weights' dtype, e.g. "float32"
     tokens_generated: int
     seconds: float
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> list[Generation]: ...
+    def load_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                     version: int) -> None: ...
+
+    def generate(self, requests: Sequence[Request], params: SamplingParams, seed: int | None = None,
+                 on_chunk: ChunkHook | None = None, chunk_tokens: int = 0) -> list[list[Generation]]: ...
+
+    def sample(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None,
+               on_chunk: ChunkHook | None = None, chunk_tokens: int = 0) -> list[Generation]: ...
+
+
+class _OwnWeights:
+    """What every engine shares: its own weights, their version, provenance, and groups as requests."""
+
+    model: torch.nn.Module
+    version: int = 0
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors, version: int) -> None:
+        """Copy ``named_tensors`` (a state dict, or (name, tensor) pairs) into the engine's weights.
+
+        Every name must be one of the model's and every one of its tensors must be given (strict), so a
+        partial or mismatched update fails instead of mixing two versions."""
+        state = dict(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
+        self.model.load_state_dict(state, strict=True)
+        self.version = int(version)
+
+    @property
+    def dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    def generate(self, requests: Sequence[Request], params: SamplingParams, seed: int | None = None,
+                 on_chunk: ChunkHook | None = None, chunk_tokens: int = 0) -> list[list[Generation]]:
+        """``n`` samples of each request's prompt: one list of generations per request (a group)."""
+        flat = [r.prompt_ids for r in requests for _ in range(r.n)]
+        gens = self.sample(flat, params, seed=seed, on_chunk=on_chunk, chunk_tokens=chunk_tokens)
+        out, i = [], 0
+        for r in requests:
+            out.append(gens[i : i + r.n])
+            i += r.n
+        return out
 
 
 def sample_tokens(
@@ -76,48 +146,70 @@ def sample_tokens(
     return tokens.squeeze(-1), logprobs.gather(-1, tokens).squeeze(-1)
 
 
-class TinyEngine:
-    """Batched KV-cache sampler for :class:`~offpolicy.policy.tiny.TinyGPT`."""
+class TinyEngine(_OwnWeights):
+    """Batched KV-cache sampler for :class:`~offpolicy.policy.tiny.TinyGPT`, on its own copy of the weights."""
 
-    def __init__(self, policy: Policy, max_batch: int = 1024) -> None:
+    name = "tiny"
+
+    def __init__(self, policy: Policy, max_batch: int = 1024, version: int = 0) -> None:
         if policy.kind != "tiny":
             raise ValueError("TinyEngine runs the built-in tiny model; use HFEngine for Hugging Face models")
-        self.policy = policy
+        self.model = copy.deepcopy(policy.model).eval()  # the engine's own weights (never the learner's)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.eos_id, self.pad_id = policy.tokenizer.eos_id, policy.tokenizer.pad_id
         self.max_batch = max_batch
+        self.version = version
         self.tokens_generated = 0
         self.seconds = 0.0
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> list[Generation]:
+    def sample(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None,
+               on_chunk: ChunkHook | None = None, chunk_tokens: int = 0) -> list[Generation]:
+        """One generation per prompt row. With ``on_chunk`` and ``chunk_tokens > 0``, ``on_chunk()`` runs
+        after every ``chunk_tokens`` decode steps and may load new weights: the following tokens carry the
+        new version, the KV cache of the earlier ones is kept (PipelineRL's in-flight update)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         start = time.perf_counter()
         out: list[Generation] = []
         for i in range(0, len(prompts), self.max_batch):
-            out.extend(self._generate_chunk(prompts[i : i + self.max_batch], params, gen))
+            out.extend(self._generate_chunk(prompts[i : i + self.max_batch], params, gen, on_chunk, chunk_tokens))
         self.seconds += time.perf_counter() - start
         self.tokens_generated += sum(len(g.response_ids) for g in out)
         return out
 
     @torch.inference_mode()
-    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, gen) -> list[Generation]:
-        model, tok = self.policy.model, self.policy.tokenizer
+    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, gen, on_chunk,
+                        chunk_tokens: int) -> list[Generation]:
+        model = self.model
         P, N = max(len(p) for p in prompts), params.max_new_tokens
         if P + N > model.cfg.max_len:  # once per chunk: every decode step stays below P + N
             raise ValueError(f"prompt ({P}) + max_new_tokens ({N}) exceeds the model's max_len={model.cfg.max_len}")
-        was_training = model.training
-        if was_training:  # model.eval() walks every module: ~0.1 ms, so only when it changes something
-            model.eval()
-        try:
-            if all(len(p) == P for p in prompts):
-                tokens, logps, lengths = _sample_unpadded(model, prompts, params, gen, tok.eos_id)
-            else:
-                tokens, logps, lengths = _sample_padded(model, prompts, params, gen, tok.pad_id, tok.eos_id)
-        finally:
-            if was_training:
-                model.train()
-        return _generations(tokens, logps, lengths, tok.eos_id)
+        hook = _ChunkHook(self, on_chunk, chunk_tokens)
+        if all(len(p) == P for p in prompts):
+            tokens, logps, lengths = _sample_unpadded(model, prompts, params, gen, self.eos_id, hook)
+        else:
+            tokens, logps, lengths = _sample_padded(model, prompts, params, gen, self.pad_id, self.eos_id, hook)
+        return _generations(tokens, logps, lengths, self.eos_id, hook.versions)
 
 
-def _sample_unpadded(model, prompts: list[list[int]], params: SamplingParams, gen, eos_id: int):
+class _ChunkHook:
+    """Records the engine's version at every decode step, and calls ``on_chunk`` every ``chunk_tokens`` steps."""
+
+    def __init__(self, engine: _OwnWeights, on_chunk: ChunkHook | None, chunk_tokens: int) -> None:
+        self.engine, self.on_chunk, self.chunk = engine, on_chunk, chunk_tokens if on_chunk else 0
+        self.versions: list[int] = []
+
+    def sampled(self, t: int) -> None:
+        """Token ``t`` was just sampled with the engine's current weights."""
+        self.versions.append(self.engine.version)
+
+    def before_next(self, t: int) -> None:
+        """Between token ``t`` and ``t + 1``: the end of a chunk lets new weights in."""
+        if self.chunk and (t + 1) % self.chunk == 0:
+            self.on_chunk()
+
+
+def _sample_unpadded(model, prompts: list[list[int]], params: SamplingParams, gen, eos_id: int, hook=None):
     """Fast path for prompts of one length: no masks, no position ids (the model derives both from the cache).
 
     Rows that have finished keep decoding their own samples; :func:`_lengths` cuts them off.
@@ -130,10 +222,11 @@ def _sample_unpadded(model, prompts: list[list[int]], params: SamplingParams, ge
     def step(nxt: torch.Tensor, t: int) -> torch.Tensor:
         return model(nxt[:, None], cache=cache)[:, -1]  # one token at position P + t sees the whole cache
 
-    return _sample_loop(logits, step, params, gen, eos_id)
+    return _sample_loop(logits, step, params, gen, eos_id, hook)
 
 
-def _sample_padded(model, prompts: list[list[int]], params: SamplingParams, gen, pad_id: int, eos_id: int):
+def _sample_padded(model, prompts: list[list[int]], params: SamplingParams, gen, pad_id: int, eos_id: int,
+                   hook=None):
     """Left-padded prompts of mixed lengths: a key mask over cache + new tokens and per-row positions."""
     B, P, N = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], dtype=torch.long)  # (B, P)
@@ -146,10 +239,10 @@ def _sample_padded(model, prompts: list[list[int]], params: SamplingParams, gen,
         pos = (n_prompt + t)[:, None]  # (B, 1)
         return model(nxt[:, None], attention_mask=attn[:, : P + t + 1], position_ids=pos, cache=cache)[:, -1]
 
-    return _sample_loop(logits, step, params, gen, eos_id)
+    return _sample_loop(logits, step, params, gen, eos_id, hook)
 
 
-def _sample_loop(logits: torch.Tensor, step, params: SamplingParams, gen, eos_id: int):
+def _sample_loop(logits: torch.Tensor, step, params: SamplingParams, gen, eos_id: int, hook=None):
     """Sample up to ``max_new_tokens`` per row, feeding each token back through ``step(tokens, t) -> logits``.
 
     Stops early once every row has produced EOS. Returns tokens and log-probs (B, T) for the T steps
@@ -162,9 +255,13 @@ def _sample_loop(logits: torch.Tensor, step, params: SamplingParams, gen, eos_id
     for t in range(N):
         nxt, lp = sample_tokens(logits, params, gen)  # (B,), (B,)
         tokens[:, t], logps[:, t] = nxt, lp
+        if hook is not None:
+            hook.sampled(t)
         done |= nxt == eos_id
         if t == N - 1 or bool(done.all()):
             break
+        if hook is not None:
+            hook.before_next(t)
         logits = step(nxt, t)
     tokens, logps = tokens[:, : t + 1], logps[:, : t + 1]
     return tokens, logps, _lengths(tokens, eos_id)
@@ -177,37 +274,52 @@ def _lengths(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     return torch.where(is_eos.any(-1), first + 1, tokens.shape[1])
 
 
-def _generations(tokens: torch.Tensor, logps: torch.Tensor, lengths: torch.Tensor, eos_id: int) -> list[Generation]:
+def _generations(tokens: torch.Tensor, logps: torch.Tensor, lengths: torch.Tensor, eos_id: int,
+                 versions: list[int]) -> list[Generation]:
     """One :class:`Generation` per row, through a single ``.tolist()`` of each tensor."""
     return [
-        Generation(ids[:n], lps[:n], ids[n - 1] == eos_id)
+        Generation(ids[:n], lps[:n], ids[n - 1] == eos_id, versions[:n])
         for ids, lps, n in zip(tokens.tolist(), logps.tolist(), lengths.tolist())
     ]
 
 
-class HFEngine:
-    """``transformers`` ``generate`` with per-token log-probs of the processed distribution."""
+class HFEngine(_OwnWeights):
+    """``transformers`` ``generate`` with per-token log-probs of the processed distribution, on its own copy
+    of the weights. Sampling runs inside ``torch.random.fork_rng``: a seed never reseeds torch's global RNG.
+    In-flight weight swaps (``on_chunk``) are not supported by ``generate`` and raise."""
 
-    def __init__(self, policy: Policy, max_batch: int = 64) -> None:
-        self.policy = policy
+    name = "hf"
+
+    def __init__(self, policy: Policy, max_batch: int = 64, version: int = 0) -> None:
+        self.model = copy.deepcopy(policy.model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = policy.tokenizer
         self.max_batch = max_batch
+        self.version = version
         self.tokens_generated = 0
         self.seconds = 0.0
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> list[Generation]:
-        if seed is not None:
-            torch.manual_seed(seed)
+    def sample(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None,
+               on_chunk: ChunkHook | None = None, chunk_tokens: int = 0) -> list[Generation]:
+        if on_chunk is not None and chunk_tokens:
+            raise ValueError("HFEngine cannot swap weights inside transformers.generate: set "
+                             "async.partial_rollout=false for Hugging Face models")
         start = time.perf_counter()
         out: list[Generation] = []
-        for i in range(0, len(prompts), self.max_batch):
-            out.extend(self._generate_chunk(prompts[i : i + self.max_batch], params))
+        devices = [] if next(self.model.parameters()).device.type == "cpu" else None
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # the global RNG is restored
+            if seed is not None:
+                torch.manual_seed(seed)
+            for i in range(0, len(prompts), self.max_batch):
+                out.extend(self._generate_chunk(prompts[i : i + self.max_batch], params))
         self.seconds += time.perf_counter() - start
         self.tokens_generated += sum(len(g.response_ids) for g in out)
         return out
 
     @torch.inference_mode()
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        model, tok = self.policy.model, self.policy.tokenizer
+        model, tok = self.model, self.tokenizer
         B, P = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((B, P), tok.pad_id, dtype=torch.long)
         attn = torch.zeros((B, P), dtype=torch.long)
@@ -225,12 +337,14 @@ class HFEngine:
         for i in range(B):
             ids_i = res.sequences[i, P:].tolist()
             n = ids_i.index(tok.eos_id) + 1 if tok.eos_id in ids_i else len(ids_i)
-            result.append(Generation(ids_i[:n], scores[i, :n].float().tolist(), tok.eos_id in ids_i[:n]))
+            result.append(Generation(ids_i[:n], scores[i, :n].float().tolist(), tok.eos_id in ids_i[:n],
+                                     [self.version] * n))
         return result
 
 
-def make_engine(policy: Policy, max_batch: int | None = None) -> Engine:
-    """The native engine for the tiny model, ``transformers.generate`` for everything else."""
+def make_engine(policy: Policy, max_batch: int | None = None, version: int = 0) -> Engine:
+    """The native engine for the tiny model, ``transformers.generate`` for everything else; each starts
+    with a copy of ``policy``'s weights labelled ``version``."""
     if policy.kind == "tiny":
-        return TinyEngine(policy, max_batch or 1024)
-    return HFEngine(policy, max_batch or 64)
+        return TinyEngine(policy, max_batch or 1024, version)
+    return HFEngine(policy, max_batch or 64, version)

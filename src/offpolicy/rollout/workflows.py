@@ -1,9 +1,12 @@
 """Workflows turn problems into scored experiences. Single-turn for now.
 
-``rollout_groups`` samples ``group_size`` responses per problem, scores them with
-the task's verifier (or a user reward), and returns one list of
-:class:`~offpolicy.experience.Experience` per problem, stamped with the engine's
-policy version and behaviour log-probs.
+``rollout_groups`` sends one request per problem (``group_size`` samples of its
+prompt) to the engine, scores the responses with the task's verifier (or a user
+reward), and returns one list of :class:`~offpolicy.experience.Experience` per
+problem. Provenance comes from the engine, never from the caller: the policy
+version of every token (as the engine's weights were when it sampled it), the
+behaviour log-probs, the engine's name and dtype, and the sampling parameters.
+The tokenizer is passed in explicitly: an engine does not carry the learner's policy.
 """
 
 from __future__ import annotations
@@ -12,12 +15,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from offpolicy.data.rewards import score_batch
+from offpolicy.data.rewards import load_reward_fn, score_batch
 from offpolicy.data.tasks import Problem
 from offpolicy.experience import Experience
-from offpolicy.rollout.engines import Engine, SamplingParams
+from offpolicy.rollout.engines import ChunkHook, Engine, Generation, Request, SamplingParams
 
 ScoreFn = Callable[[Problem, str], float]
+
+
+def make_score_fn(task, reward: str | None) -> ScoreFn:
+    """The task's verifier, or the user's ``"module:function"`` reward ``(prompt, completion, answer)``."""
+    if reward is None:
+        return task.score
+    user_fn = load_reward_fn(reward)
+    return lambda problem, completion: user_fn(problem.prompt, completion, problem.answer)
 
 
 @dataclass
@@ -33,37 +44,46 @@ class RolloutStats:
 
 def rollout_groups(
     engine: Engine,
+    tokenizer,
     problems: list[Problem],
     score_fn: ScoreFn,
     *,
     group_size: int,
     sampling: SamplingParams,
-    version: int,
     seed: int | None = None,
     reward_timeout_s: float | None = None,
     group_prefix: str = "",
+    on_chunk: ChunkHook | None = None,
+    chunk_tokens: int = 0,
 ) -> tuple[list[list[Experience]], RolloutStats]:
-    tok = engine.policy.tokenizer
-    prompt_ids = [tok.encode(p.prompt) for p in problems]
-    flat_prompts = [ids for ids in prompt_ids for _ in range(group_size)]
+    """``group_size`` scored responses per problem, one group (list of experiences) per problem.
+
+    ``on_chunk``/``chunk_tokens`` let the caller swap the engine's weights between decode chunks
+    (partial rollouts); the experiences then carry a per-token ``policy_version`` list.
+    """
+    prompt_ids = [tokenizer.encode(p.prompt) for p in problems]
     t0 = time.perf_counter()
-    gens = engine.generate(flat_prompts, sampling, seed=seed)
+    requests = [Request(ids, group_size) for ids in prompt_ids]
+    gen_groups = engine.generate(requests, sampling, seed=seed, on_chunk=on_chunk, chunk_tokens=chunk_tokens)
     t1 = time.perf_counter()
+    gens = [g for group in gen_groups for g in group]
     flat_problems = [p for p in problems for _ in range(group_size)]
-    texts = [tok.decode(g.response_ids) for g in gens]
+    texts = [tokenizer.decode(g.response_ids) for g in gens]
     scores = score_batch(score_fn, flat_problems, texts, timeout_s=reward_timeout_s)
     t2 = time.perf_counter()
     now = time.time()
+    provenance = {"engine": engine.name, "sampling": sampling.as_dict(), "dtype": engine.dtype}
     groups: list[list[Experience]] = []
     for i, problem in enumerate(problems):
+        first = token_version(gens[i * group_size])[0]
         group = []
         for j in range(group_size):
             k = i * group_size + j
             group.append(Experience(
                 prompt_ids=prompt_ids[i], response_ids=gens[k].response_ids, reward=float(scores.rewards[k]),
-                behavior_logprobs=gens[k].logprobs, policy_version=version, source="policy",
-                group_id=f"{group_prefix}v{version}:{i}:{problem.id}", task_id=problem.id, created_at=now,
-                info={"truncated": not gens[k].finished},
+                behavior_logprobs=gens[k].logprobs, policy_version=token_version(gens[k])[1], source="policy",
+                group_id=f"{group_prefix}v{first}:{i}:{problem.id}", task_id=problem.id, created_at=now,
+                info={"truncated": not gens[k].finished}, **provenance,
             ))
         groups.append(group)
     stats = RolloutStats(
@@ -72,6 +92,15 @@ def rollout_groups(
         truncated=sum(not g.finished for g in gens),
     )
     return groups, stats
+
+
+def token_version(g: Generation) -> tuple[int, int | list[int]]:
+    """(oldest version, the experience's ``policy_version``): an int when one version made every token,
+    else the per-token list (a response that spans an in-flight weight update)."""
+    if not g.versions:
+        raise ValueError("the engine returned a generation without per-token versions")
+    lo, hi = min(g.versions), max(g.versions)
+    return lo, lo if lo == hi else list(g.versions)
 
 
 def expert_experiences(problems: list[Problem], tokenizer, version: int = 0) -> list[Experience]:

@@ -10,6 +10,7 @@ from offpolicy.rollout.workflows import ScoreFn
 
 def evaluate(
     engine: Engine,
+    tokenizer,
     problems: list[Problem],
     score_fn: ScoreFn,
     *,
@@ -23,15 +24,15 @@ def evaluate(
     A problem counts as solved when its score is 1 (partial credit does not count as accuracy);
     ``eval/greedy_reward`` keeps the mean raw score.
     """
-    tok = engine.policy.tokenizer
+    tok = tokenizer
     prompts = [tok.encode(p.prompt) for p in problems]
-    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, greedy=True))
+    greedy = engine.sample(prompts, SamplingParams(max_new_tokens=max_new_tokens, greedy=True))
     g_scores = score_batch(score_fn, problems, [tok.decode(g.response_ids) for g in greedy]).rewards
     out = {"eval/greedy_acc": sum(s >= 1.0 for s in g_scores) / len(problems),
            "eval/greedy_reward": sum(g_scores) / len(problems)}
     if samples > 0:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-        gens = engine.generate([p for p in prompts for _ in range(samples)], params, seed=seed)
+        gens = engine.sample([p for p in prompts for _ in range(samples)], params, seed=seed)
         flat = [p for p in problems for _ in range(samples)]
         s_scores = score_batch(score_fn, flat, [tok.decode(g.response_ids) for g in gens]).rewards
         solved = [s >= 1.0 for s in s_scores]
