@@ -116,10 +116,11 @@ def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---- 2. the updates of one step ---------------------------------------------------------------
-def learn(run: Run, parts: RLParts, after_update: Callable[[], None] | None = None) -> list[dict[str, torch.Tensor]]:
+def learn(run: Run, parts: RLParts,
+          after_update: Callable[[list[Group]], None] | None = None) -> list[dict[str, torch.Tensor]]:
     """``rl.updates_per_step`` updates, each on ``rl.groups_per_update`` groups drawn from the buffer
-    (fewer if it holds fewer; none if it is empty). ``after_update`` runs after each optimizer step
-    (the async loop broadcasts weights there)."""
+    (fewer if it holds fewer; none if it is empty). ``after_update(groups)`` runs after each optimizer
+    step with the groups it learned from (the async loop records them and broadcasts weights there)."""
     rl, learner, buffer = run.cfg.rl, parts.learner, parts.buffer
     per_update = []
     for _ in range(rl.updates_per_step):
@@ -132,7 +133,7 @@ def learn(run: Run, parts: RLParts, after_update: Callable[[], None] | None = No
         if parts.snapshots is not None:
             parts.snapshots.record(learner.version, run.policy)
         if after_update is not None:
-            after_update()
+            after_update(chosen)
     learner.end_rollout_step()
     if "remix" in learner.controllers and rl.buffer.sampling == "recent_mix":
         remix = learner.controllers["remix"]  # its data mix drives the sampler (p -> 0 after reincarnation)
