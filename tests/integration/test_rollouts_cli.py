@@ -96,3 +96,20 @@ def test_ope_refuses_positive_behaviour_logprobs(tmp_path, checkpoint):
     result = _invoke("ope", checkpoint, "--experiences", log, "--threads", 1)
     assert result.exit_code == 2, result.output
     assert "log.jsonl:line 2: behavior_logprobs[1] = 2.3 is positive" in result.output
+
+
+def test_a_runs_saved_log_reads_groups_and_is_learnable(tmp_path, tiny_config, reward_spec):
+    from offpolicy.data.logs import check_learnable, group_log
+    from offpolicy.train.runner import train
+
+    out = tmp_path / "run"
+    train(tiny_config(out, "rl.steps=2", "run.save_experiences=true", f"task.reward={reward_spec}"))
+    from offpolicy.policy.model import load_policy
+
+    vocab_size = load_policy(out / "checkpoints" / "final").tokenizer.vocab_size
+    exps = read_log(out / "experiences.jsonl", vocab_size=vocab_size)
+    assert [len(g) for g in group_log(exps)] == [4] * 8  # 2 steps x 4 prompts, group_size 4
+    for loss in ("ppo_clip", "topr", "reinforce"):
+        check_learnable(exps, loss=loss, old_logp="behavior")
+    assert _invoke("rollouts", "export", out, "--out", tmp_path / "log.parquet").exit_code == 0
+    assert [e.to_dict() for e in read_log(tmp_path / "log.parquet")] == [e.to_dict() for e in exps]
