@@ -1,4 +1,4 @@
-"""``offpolicy train | eval | algorithms`` — the command line.
+"""``offpolicy train | eval | ope | algorithms | compare | rollouts`` — the command line.
 
 Bad input (a wrong recipe key, a missing file, a malformed dataset row, an
 unknown task, an incompatible checkpoint) ends with one clear message and exit
@@ -87,8 +87,8 @@ def eval_cmd(
 @app.command()
 def ope(
     checkpoint: str = typer.Argument(..., help="the target policy: checkpoint folder (or Hugging Face id)"),
-    experiences: Path = typer.Option(..., "--experiences", help="logged experiences (jsonl, e.g. a run's "
-                                     "experiences.jsonl written with run.save_experiences=true)"),
+    experiences: Path = typer.Option(..., "--experiences", help="logged experiences (.jsonl, e.g. a run's "
+                                     "experiences.jsonl written with run.save_experiences=true, or .parquet)"),
     temperature: float = typer.Option(1.0, "--temperature", help="the temperature the target policy would sample at"),
     clip: Optional[float] = typer.Option(None, "--clip", help="cap on importance weights"),
     level: float = typer.Option(0.95, "--level", help="confidence level of the intervals"),
@@ -99,15 +99,17 @@ def ope(
     """Off-policy evaluation: the target policy's expected reward estimated from logged experiences."""
     import torch
 
-    from offpolicy.experience import read_experiences
+    from offpolicy.data.logs import read_log
     from offpolicy.ope import evaluate_offline
     from offpolicy.policy.model import load_policy
 
     try:
         torch.set_num_threads(threads)
-        logs = read_experiences(experiences)
-        result = evaluate_offline(load_policy(checkpoint), logs, temperature=temperature, clip=clip, level=level,
-                                  bootstrap=bootstrap)
+        if not experiences.is_file():  # before loading a model that may be large
+            raise FileNotFoundError(f"experience file not found: {experiences}")
+        policy = load_policy(checkpoint)
+        logs = read_log(experiences, vocab_size=policy.tokenizer.vocab_size)  # checked row by row against the model
+        result = evaluate_offline(policy, logs, temperature=temperature, clip=clip, level=level, bootstrap=bootstrap)
     except USER_ERRORS as e:
         _fail(e, debug)
     result["estimates"] = {k: v.to_dict() for k, v in result["estimates"].items()}
@@ -178,6 +180,116 @@ def compare(
     Console().print(table)
     c = result["counts"]
     typer.echo(f"{c['ran']} run(s) ran, {c['resumed']} resumed, {c['skipped']} skipped; wrote {out / 'compare.json'}")
+
+
+rollouts = typer.Typer(no_args_is_help=True, help="Move and look at experience logs (.jsonl or .parquet; "
+                       "schema in docs/experiences.md).")
+app.add_typer(rollouts, name="rollouts")
+
+
+def _log_path(src: Path) -> Path:
+    """A run folder stands for its experiences.jsonl (what run.save_experiences writes)."""
+    return src / "experiences.jsonl" if src.is_dir() else src
+
+
+def _write_new(out: Path, exps: list, force: bool) -> None:
+    from offpolicy.data.logs import write_log
+
+    if out.exists() and not force:
+        raise ValueError(f"{out} exists; pass --force to replace it")
+    write_log(out, exps)
+    typer.echo(f"wrote {len(exps)} experiences to {out}")
+
+
+@rollouts.command("export")
+def rollouts_export(
+    src: Path = typer.Argument(..., help="a run folder (its experiences.jsonl) or a log file"),
+    out: Path = typer.Option(..., "--out", help="FILE.jsonl or FILE.parquet"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Copy a run's experience log to a file, checked, as jsonl or parquet."""
+    from offpolicy.data.logs import read_log
+
+    try:
+        _write_new(out, read_log(_log_path(src)), force)
+    except USER_ERRORS as e:
+        _fail(e, debug)
+
+
+@rollouts.command("import")
+def rollouts_import(
+    src: Path = typer.Argument(..., help="a foreign log (.jsonl or .parquet) in the schema of docs/experiences.md"),
+    out: Path = typer.Option(..., "--out", help="FILE.jsonl or FILE.parquet"),
+    source: str = typer.Option("offline", "--source", help="source of rows that lack one "
+                               "(policy | expert | offline | guided)"),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="token ids must lie in [0, N)"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Check a log from elsewhere row by row and write it in offpolicy's schema."""
+    from offpolicy.data.logs import read_log
+    from offpolicy.experience import SOURCES
+
+    try:
+        if source not in SOURCES:
+            raise ValueError(f"--source must be one of {list(SOURCES)}, got {source!r}")
+        _write_new(out, read_log(src, vocab_size=vocab_size, defaults={"source": source}), force)
+    except USER_ERRORS as e:
+        _fail(e, debug)
+
+
+@rollouts.command("inspect")
+def rollouts_inspect(
+    src: Path = typer.Argument(..., help="a run folder (its experiences.jsonl) or a log file"),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="token ids must lie in [0, N)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """What a log holds: rows, groups, sources, behaviour log-probs, versions, rewards, lengths, engines."""
+    from offpolicy.data.logs import read_log, summarize
+
+    try:
+        path = _log_path(src)
+        s = summarize(read_log(path, vocab_size=vocab_size))
+    except USER_ERRORS as e:
+        _fail(e, debug)
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), **s}, indent=2))
+        return
+    _print_summary(path, s)
+
+
+def _print_summary(path: Path, s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def st(d: dict, f: str = "{:.3g}") -> str:
+        return "—" if d["mean"] is None else (f"{f.format(d['mean'])} ± {f.format(d['std'])} "
+                                              f"[{f.format(d['min'])}, {f.format(d['max'])}]")
+
+    def counts(d: dict) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in d.items()) or "—"
+
+    v = s["policy_version"]
+    table = Table(title=f"{path}", title_justify="left", show_header=False)
+    for key, value in (
+        ("rows", str(s["rows"])),
+        ("groups", f"{s['groups']} (size {st(s['group_size'])}; {s['rows_without_group_id']} rows without group_id)"),
+        ("sources", counts(s["sources"])),
+        ("behaviour log-probs", f"{s['with_behavior_logprobs']:.1%} of rows"),
+        ("behaviour train log-probs", f"{s['with_behavior_train_logprobs']:.1%} of rows"),
+        ("policy versions", f"{v['min']}..{v['max']} ({s['per_token_versions']} rows per token); "
+                            f"rows by oldest version: {counts(v['histogram'])}"),
+        ("reward (mean ± std [min, max])", st(s["reward"])),
+        ("response length", st(s["response_length"])),
+        ("prompt length", st(s["prompt_length"])),
+        ("engines", counts(s["engines"])),
+        ("dtypes", counts(s["dtypes"])),
+        ("sampling", counts(s["sampling"])),
+    ):
+        table.add_row(key, value)
+    Console().print(table)
 
 
 def main() -> None:

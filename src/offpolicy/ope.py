@@ -58,6 +58,7 @@ from typing import Any, Sequence
 
 import torch
 
+from offpolicy.data.logs import validate as validate_log
 from offpolicy.experience import Experience, collate
 from offpolicy.objectives.diagnostics import ess as _ess
 from offpolicy.objectives.registry import Registry
@@ -400,12 +401,17 @@ def score_logged(policy: Policy, experiences: Sequence[Experience], *, temperatu
     Only experiences with ``behavior_logprobs`` can be evaluated; the others (expert / offline
     traces) are counted by source in ``skipped``. The target is ``softmax(logits / temperature)``
     with no top-p. ``group_by`` decides which responses share a prompt (baseline and standard
-    error): ``"prompt"`` (identical prompt token ids), ``"group_id"`` or ``"task_id"``.
+    error): ``"prompt"`` (identical prompt token ids), ``"group_id"`` or ``"task_id"``. Every
+    experience is first checked against the schema (:func:`offpolicy.data.logs.validate`): token ids
+    in the policy's vocabulary, behaviour log-probs finite and ≤ 0; a bad one raises ``ValueError``.
     """
     if group_by not in ("prompt", "group_id", "task_id"):
         raise ValueError(f"group_by must be 'prompt', 'group_id' or 'task_id', got {group_by!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # A log is not trusted: token ids outside the vocabulary would fail inside the embedding, and
+    # positive "log-probs" would give plausible-looking but meaningless weights (issue 11).
+    validate_log(experiences, vocab_size=policy.tokenizer.vocab_size)
     used = [e for e in experiences if e.behavior_logprobs is not None]
     skipped: dict[str, int] = {}
     for e in experiences:

@@ -287,3 +287,13 @@ def test_evaluate_offline_needs_behaviour_logprobs(tiny_policy):
         evaluate_offline(tiny_policy, [Experience([5], [6], source="expert")])
     with pytest.raises(ValueError, match="group_by"):
         evaluate_offline(tiny_policy, _logs(tiny_policy), group_by="user")
+
+
+def test_evaluate_offline_refuses_untrustworthy_logs(tiny_policy):
+    """Issue 11: ids outside the vocabulary used to end in an IndexError, positive log-probs were accepted."""
+    V = tiny_policy.tokenizer.vocab_size
+    with pytest.raises(ValueError, match=rf"experience 2: response_ids\[1\] = {V} is outside the vocabulary"):
+        evaluate_offline(tiny_policy, [Experience([5], [6], behavior_logprobs=[-1.0]),
+                                       Experience([5], [6, V], behavior_logprobs=[-1.0, -1.0])])
+    with pytest.raises(ValueError, match=r"experience 1: behavior_logprobs\[0\] = 0.5 is positive"):
+        evaluate_offline(tiny_policy, [Experience([5], [6], behavior_logprobs=[0.5])])
