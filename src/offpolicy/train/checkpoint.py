@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 LEGACY_STATE_FILE = "trainer_state.pt"  # pickle: refused
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")  # never in ours
 FORMAT = "offpolicy-checkpoint"
 FORMAT_VERSION = 1
 STEP_NAME = re.compile(r"step_(?P<stage>.+)_(?P<step>\d+)")
@@ -131,6 +132,10 @@ def verify_checkpoint(path: str | Path) -> dict[str, dict]:
     if unlisted:
         raise CheckpointError(f"{path / unlisted[0]}: not listed in {MANIFEST}; refusing a checkpoint with "
                               f"unaccounted files")
+    pickles = sorted(n for n in files if n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise CheckpointError(f"{path / pickles[0]}: a pickle file (by its name); offpolicy checkpoints hold none, "
+                              f"refusing the folder")
     for name, entry in files.items():
         _verify_file(path / name, entry)
     return files
@@ -313,9 +318,10 @@ def latest_checkpoint(root: str | Path, warn: Callable[[str], None] | None = Non
     root, warn = Path(root), warn or _warn
     named = _pointer(root)
     order = [*([root / named] if named else []), *(p for p in _checkpoints(root) if p.name != named)]
-    if not order and not (root / "latest").exists():
+    pointer_exists = (root / "latest").exists()
+    if not order and not pointer_exists:
         return None
-    failures = [] if named or not (root / "latest").exists() else [f"{root / 'latest'}: does not name a checkpoint"]
+    failures = [] if named else [f"{root / 'latest'}: {'does not name a checkpoint' if pointer_exists else 'missing'}"]
     for path in order:
         try:
             _require_state(path)

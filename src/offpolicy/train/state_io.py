@@ -76,7 +76,7 @@ def _encode_dict(obj: dict, path: tuple, tensors: dict) -> Any:
 
 def _encode_numpy(obj: np.ndarray | np.generic, path: tuple, tensors: dict) -> Any:
     """Raw bytes + dtype + shape: torch lacks some numpy dtypes (``np.random`` state is uint32)."""
-    arr = np.ascontiguousarray(obj)
+    arr = np.array(obj, order="C")  # a copy, 0-d kept (ascontiguousarray would make scalars 1-d)
     if arr.dtype.kind not in NUMPY_KINDS:
         raise _Unsupported(f"{_path(path)}: cannot save a numpy array of dtype {arr.dtype}")
     raw = torch.from_numpy(arr.reshape(-1).view(np.uint8).copy())
@@ -165,14 +165,15 @@ def _tensor(node: dict, path: tuple, tensors: dict, used: set) -> torch.Tensor:
 
 
 def _decode_numpy(node: dict, path: tuple, tensors: dict, used: set) -> np.ndarray | np.generic:
-    raw = _tensor(node, path, tensors, used)
-    shape = _field(node, "shape", list, path)
     try:
         dtype = np.dtype(_field(node, "dtype", str, path))
     except TypeError:
         raise _Bad(f"{_path(path)}: bad dtype {node['dtype']!r}") from None
-    if dtype.kind not in NUMPY_KINDS or raw.dtype != torch.uint8:
+    if dtype.kind not in NUMPY_KINDS:
         raise _Bad(f"{_path(path)}: numpy dtype {dtype} is not allowed")
+    raw, shape = _tensor(node, path, tensors, used), _field(node, "shape", list, path)
+    if raw.dtype != torch.uint8:
+        raise _Bad(f"{_path(path)}: numpy bytes stored as {raw.dtype}, expected uint8")
     try:
         arr = np.frombuffer(raw.numpy().tobytes(), dtype=dtype).reshape(shape).copy()
     except (ValueError, TypeError) as e:
