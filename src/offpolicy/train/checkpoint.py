@@ -168,7 +168,7 @@ def _order(name: str) -> tuple | None:
     m = STEP_NAME.fullmatch(name)
     if m is None:
         return None
-    return STAGE_ORDER.get(m["stage"], len(STAGE_ORDER) - 0.5), int(m["step"])
+    return STAGE_ORDER.get(m["stage"], 1.5), int(m["step"])  # an unknown stage: after rl, before final
 
 
 def _checkpoints(root: Path, steps_only: bool = False) -> list[Path]:
