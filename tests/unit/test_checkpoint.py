@@ -10,7 +10,7 @@ import torch
 
 from offpolicy.policy.model import CheckpointError
 from offpolicy.train import checkpoint as ckpt_mod
-from offpolicy.train.checkpoint import (STATE_FILE, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+from offpolicy.train.checkpoint import (MANIFEST, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                         set_rng_state)
 
 
@@ -39,13 +39,13 @@ def test_no_checkpoint_yet(tmp_path):
 
 def test_load_of_a_folder_that_is_not_a_training_checkpoint(tiny_policy, tmp_path):
     tiny_policy.save(tmp_path / "policy_only")
-    with pytest.raises(CheckpointError, match=STATE_FILE):
+    with pytest.raises(CheckpointError, match=MANIFEST):
         load_checkpoint(tmp_path / "policy_only")
 
 
 def test_latest_pointing_at_an_incomplete_checkpoint_is_an_error(tmp_path):
     (tmp_path / "latest").write_text("step_rl_000009")
-    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="no loadable checkpoint.*step_rl_000009"):
         latest_checkpoint(tmp_path)
 
 
@@ -60,7 +60,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_and_latest_intact(tiny_po
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", crash)
+    monkeypatch.setattr(ckpt_mod, "save_state", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(root, "step_rl_000002", tiny_policy, {"step": 2})
     monkeypatch.undo()
@@ -81,7 +81,7 @@ def test_crash_while_replacing_a_same_named_checkpoint_keeps_the_old_one(tiny_po
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", crash)
+    monkeypatch.setattr(ckpt_mod, "save_state", crash)
     with pytest.raises(RuntimeError):
         save_checkpoint(root, "final", tiny_policy, {"step": 2})
     monkeypatch.undo()
