@@ -204,6 +204,14 @@ def group_relative(advantage: str, params: dict[str, Any]) -> bool:
     return advantage in GROUP_RELATIVE
 
 
+def _yaml_problem(e: yaml.YAMLError) -> tuple[str, str]:
+    """``(":line L", "what went wrong")`` of a YAML error, on one line (PyYAML's own message spans several)."""
+    mark = getattr(e, "problem_mark", None)  # MarkedYAMLError has it; the base class does not
+    where = f":line {mark.line + 1}" if mark is not None else ""
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    return where, problem
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"rl.optim.lr=3e-4"`` -> (["rl", "optim", "lr"], 0.0003); values are parsed as YAML."""
     if "=" not in text:
@@ -214,7 +222,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({_yaml_problem(e)[1]})") from None
     return key.split("."), value
 
 
@@ -240,7 +248,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             data = _yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
+            where, problem = _yaml_problem(e)
+            raise ConfigError(f"recipe {p}{where} is not valid YAML: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {p} must be a mapping of sections, got {type(data).__name__}")
     for text in overrides:
@@ -248,10 +257,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_describe(e, path)) from None
+        raise ConfigError(describe_validation_error(e, path)) from None
 
 
-def _describe(err: ValidationError, path) -> str:
+def describe_validation_error(err: ValidationError, path) -> str:
+    """One line per problem, each naming its key."""
     where = f" in {path}" if path else ""
     lines = [f"invalid config{where}:"]
     for e in err.errors():

@@ -31,7 +31,11 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError(f"reading {path} needs pyarrow: pip install 'offpolicy[parquet]'") from e
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError: "magic bytes not found"
+            raise ValueError(f"task file {path}: not a readable parquet file ({e})") from None
+        for i, row in enumerate(table.to_pylist()):
             yield f"{path}:row {i}", row
         return
     if path.suffix != ".jsonl":
