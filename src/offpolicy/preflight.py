@@ -176,11 +176,12 @@ def check_reward(cfg: Config, task, problems: list) -> None:
         key, score = f"task {cfg.task.name!r}: its verifier", task.score
     for p in problems:
         completion = p.solution if p.solution is not None else p.answer
-        value = _call_with_timeout(score, (p, completion), cfg.task.reward_timeout_s, key)
+        where = f"{key} on {p.meta.get('source') or repr(p.id)}"
+        value = _call_with_timeout(score, (p, completion), cfg.task.reward_timeout_s, where)
         try:
             as_reward(value)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{key} on {p.meta.get('source') or repr(p.id)}: {e}") from None
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _call_with_timeout(fn, args: tuple, timeout_s: float | None, key: str) -> Any:

@@ -172,7 +172,7 @@ CASES = [
          files={"weights.bin": b"\0\1"}),
     Case("init_config_not_json", "checkpoint config.json that is not JSON", ["policy.init={tmp}/ckpt"],
          ["config.json", "not valid JSON"], files={"ckpt/config.json": "{oops"}),
-    Case("init_other_architecture", "checkpoint of another architecture (config and weights differ)",
+    Case("init_other_architecture", "checkpoint of another architecture (config says 2 layers, weights hold 1)",
          ["policy.init={tmp}/ckpt"], ["policy.init", "model.safetensors", "does not fit"], setup="other_arch"),
     Case("init_size_keys_differ", "tiny size keys that differ from the checkpoint", ["policy.init={tmp}/ckpt"],
          ["policy.d_model=32", "d_model=48"], setup="tiny_48"),
@@ -218,7 +218,7 @@ def build(case: Case, tmp: Path) -> list[str]:
         build_tiny(TinyConfig(d_model=d, n_layers=1, n_heads=2, max_len=32)).save(tmp / "ckpt")
         if case.setup == "other_arch":  # the config claims a wider model than the weights hold
             cfg = json.loads((tmp / "ckpt/config.json").read_text())
-            (tmp / "ckpt/config.json").write_text(json.dumps({**cfg, "d_model": 64}))
+            (tmp / "ckpt/config.json").write_text(json.dumps({**cfg, "n_layers": 2}))
     base = list(TINY_RUN)
     overrides = [o.replace("{tmp}", str(tmp)) for o in case.overrides]
     keep_sizes = case.setup == "tiny_48" or case.id == "init_hf_with_tiny_keys"  # the cases that are about them
@@ -302,20 +302,19 @@ def render(messages: dict[str, str]) -> str:
             "`tests/integration/test_bad_inputs_cli.py`), run on the tiny test recipe with the overrides shown.\n"
             "This file is generated from that list: `python tests/unit/test_bad_inputs.py` rewrites it.\n\n"
             f"{len(CASES)} cases. `<tmp>` is the case's scratch folder.\n\n"
-            "| # | bad input | overrides | error |\n|---|---|---|---|\n")
+            "| # | bad input | given | error |\n|---|---|---|---|\n")
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
     rows = []
     for i, c in enumerate(CASES, 1):
-        given = " ".join(c.overrides).replace("{tmp}", "<tmp>") or "—"
+        given = [f"`{cell(o.replace('{tmp}', '<tmp>'))}`" for o in c.overrides]
         if c.recipe is not None:
-            given = ("missing recipe" if c.recipe == "(missing)" else f"recipe `{c.recipe.strip()}`") + \
-                    (f" {given}" if c.overrides else "")
+            given.insert(0, "a missing recipe" if c.recipe == "(missing)" else f"recipe `{cell(c.recipe.strip())}`")
         if c.resume:
-            given += " --resume"
-        rows.append(f"| {i} | {cell(c.what)} | `{cell(given)}` | {cell(messages[c.id])} |")
+            given.append("`--resume`")
+        rows.append(f"| {i} | {cell(c.what)} | {' '.join(given) or '—'} | {cell(messages[c.id])} |")
     return head + "\n".join(rows) + "\n"
 
 
