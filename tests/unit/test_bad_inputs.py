@@ -117,6 +117,8 @@ CASES = [
     Case("file_empty", "empty task file", FILE, ["data.jsonl", "no rows"], files={"data.jsonl": ""}),
     Case("file_bad_json_row", "malformed jsonl row", FILE, ["data.jsonl:line 2", "bad JSON"],
          files={"data.jsonl": jsonl(ROWS[0], '{"prompt": "1+1=", "answer": 2', *ROWS[1:])}),
+    Case("file_not_utf8", "task file that is not UTF-8 text", FILE, ["data.jsonl", "not UTF-8"],
+         files={"data.jsonl": b'{"prompt": "\xff", "answer": "1"}\n'}),
     Case("file_row_not_object", "jsonl row that is a list", FILE, ["data.jsonl:line 1", "JSON object"],
          files={"data.jsonl": jsonl([1, 2], *ROWS)}),
     Case("file_missing_answer", "row without the answer field", FILE, ["data.jsonl:line 3", "'answer'"],
