@@ -16,13 +16,24 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Off-policy RL post-training of language models.")
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ImportError)
+# What bad input raises: ValueError covers ConfigError, CheckpointError, pydantic's ValidationError and
+# malformed data rows; the OSErrors are files and folders the user named (missing, a file where a folder
+# should be, no permission). Anything else (TypeError, IndexError, RuntimeError, ...) is a bug: traceback.
+USER_ERRORS = (ValueError, KeyError, ImportError, FileNotFoundError, PermissionError, NotADirectoryError,
+               IsADirectoryError, FileExistsError)
 
 
 def _fail(err: BaseException, debug: bool) -> None:
     if debug:
         raise err
-    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    from pydantic import ValidationError
+
+    from offpolicy.config import describe_validation_error
+
+    if isinstance(err, ValidationError):  # raised outside load_config: same one-line-per-key form
+        msg = describe_validation_error(err, None)
+    else:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -36,10 +47,12 @@ def train(
 ) -> None:
     """Run a recipe: SFT and/or RL stages, evaluation, checkpoints, metrics and a summary."""
     from offpolicy.config import load_config
+    from offpolicy.preflight import preflight
     from offpolicy.train.runner import train as run_train
 
     try:
         cfg = load_config(recipe, overrides or [])
+        preflight(cfg, resume=resume)  # before anything is written: out_dir, checkpoint, task, reward, context
         run_train(cfg, resume=resume)
     except USER_ERRORS as e:
         _fail(e, debug)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,62 +37,68 @@ class _Strict(BaseModel):
 class RunConfig(_Strict):
     name: str = "run"  # shown in the console and summary
     out_dir: str = "runs/run"  # where config.yaml, metrics.jsonl, summary.json, checkpoints and plots go
-    seed: int = 0  # seeds torch, task sampling and the rollout engine
-    threads: int = 2  # torch intra-op threads (the CPU machine has 2 cores)
-    checkpoint_every: int = 50  # RL steps between checkpoints (one is always written at the end)
+    seed: int = Field(0, ge=0)  # seeds torch, task sampling and the rollout engine
+    threads: int = Field(2, ge=1)  # torch intra-op threads (the CPU machine has 2 cores)
+    checkpoint_every: int = Field(50, ge=0)  # RL steps between checkpoints (one is always written at the end)
     progress: bool = True  # rich progress bar and tables on the console
     save_experiences: bool = False  # append every RL rollout to experiences.jsonl (for offline RL and `offpolicy ope`)
     mode: Literal["sync", "async", "offline"] = "sync"  # the RL loop: alternate / concurrent Ray workers / a log
-    device: str = "cpu"  # the learner's device ("cpu", "cuda", "cuda:1"); engines run where their worker runs
+    device: str = Field("cpu", pattern=r"^(cpu|mps|cuda(:\d+)?)$")  # the learner's device ("cpu", "cuda", "cuda:1"); engines run where their worker runs
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the learner's parameter dtype
     ray_address: str | None = None  # async mode: join this Ray cluster (`ray start --head`); None = a local one
     loggers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # sinks beside metrics.jsonl
-    keep_checkpoints: int = 2  # newest step checkpoints kept (the named sft / final ones always stay)
+    keep_checkpoints: int = Field(2, ge=1)  # newest step checkpoints kept (the named sft / final ones always stay)
 
 
 class PolicyConfig(_Strict):
     init: str = "tiny"  # "tiny" = fresh built-in model; else a checkpoint folder or Hugging Face id
-    d_model: int = 160  # tiny model width
-    n_layers: int = 3  # tiny model depth
-    n_heads: int = 4  # tiny model attention heads
-    max_len: int = 64  # tiny model context (prompt + response tokens)
+    d_model: int = Field(160, ge=1)  # tiny model width
+    n_layers: int = Field(3, ge=1)  # tiny model depth
+    n_heads: int = Field(4, ge=1)  # tiny model attention heads
+    max_len: int = Field(64, ge=2)  # tiny model context (prompt + response tokens)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # Hugging Face models only
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "PolicyConfig":
+        if self.init == "tiny" and self.d_model % self.n_heads:
+            raise ValueError(f"policy.d_model={self.d_model} must be divisible by policy.n_heads={self.n_heads}")
+        return self
 
 
 class TaskConfig(_Strict):
     name: str = "addition"  # a registered task (offpolicy.data.tasks.TASKS)
     params: dict[str, Any] = Field(default_factory=dict)  # passed to the task factory
     reward: str | None = None  # optional "module:function" replacing the task's verifier
-    reward_timeout_s: float | None = None  # per-call time limit for the reward (None = no limit)
+    reward_timeout_s: float | None = Field(None, gt=0)  # per-call time limit for the reward (None = no limit)
 
 
 class SamplingConfig(_Strict):
-    max_new_tokens: int = 8  # response length limit (tokens)
-    temperature: float = 1.0  # rollout temperature; the learner scores with the same one
-    top_p: float = 1.0  # nucleus sampling (engine only; shows up as train-inference mismatch)
+    max_new_tokens: int = Field(8, ge=1)  # response length limit (tokens)
+    temperature: float = Field(1.0, gt=0)  # rollout temperature; the learner scores with the same one
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling (engine only; shows up as train-inference mismatch)
 
 
 class EvalConfig(_Strict):
-    n_problems: int = 500  # held-out problems (disjoint from training prompts)
-    every: int = 25  # RL steps between evaluations
-    samples: int = 8  # samples per problem for sampled accuracy and pass@k
-    temperature: float = 1.0  # temperature of the sampled evaluation
+    n_problems: int = Field(500, ge=1)  # held-out problems (disjoint from training prompts)
+    every: int = Field(25, ge=0)  # RL steps between evaluations
+    samples: int = Field(8, ge=0)  # samples per problem for sampled accuracy and pass@k
+    temperature: float = Field(1.0, gt=0)  # temperature of the sampled evaluation
 
 
 class OptimConfig(_Strict):
-    lr: float = 1e-4  # peak learning rate (AdamW)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    warmup_steps: int = 0  # linear warm-up, in optimizer steps
+    lr: float = Field(1e-4, gt=0)  # peak learning rate (AdamW)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm (0 = off)
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up, in optimizer steps
     schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up (step-based, never wall-clock)
-    min_lr_ratio: float = 0.1  # floor of cosine/linear decay as a fraction of lr
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # floor of cosine/linear decay as a fraction of lr
 
 
 class SFTConfig(_Strict):
-    steps: int = 0  # optimizer steps of supervised fine-tuning on expert solutions (0 = skip the stage)
-    batch_size: int = 64  # expert traces per step
-    eval_every: int = 0  # SFT steps between evaluations (0 = only before and after)
+    steps: int = Field(0, ge=0)  # optimizer steps of supervised fine-tuning on expert solutions (0 = skip the stage)
+    batch_size: int = Field(64, ge=1)  # expert traces per step
+    eval_every: int = Field(0, ge=0)  # SFT steps between evaluations (0 = only before and after)
     stop_at_accuracy: float | None = None  # end SFT at the first evaluation whose held-out greedy accuracy reaches this
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, schedule="cosine"))
 
@@ -107,19 +113,19 @@ class SFTConfig(_Strict):
 
 
 class BufferConfig(_Strict):
-    capacity: int = 4096  # groups kept at most (oldest evicted first, counted)
+    capacity: int = Field(4096, ge=1)  # groups kept at most (oldest evicted first, counted)
     sampling: str = "uniform"  # which stored groups an update trains on: fifo, uniform, variance, return_weighted, recent_mix
     sampling_params: dict[str, Any] = Field(default_factory=dict)  # hyperparameters of the sampling strategy
-    max_staleness: int | None = 4  # groups older than this many policy versions are evicted (counted); None = no bound
-    max_uses: int | None = None  # a group retires after this many updates used it (None = no limit)
+    max_staleness: int | None = Field(4, ge=0)  # groups older than this many policy versions are evicted (counted); None = no bound
+    max_uses: int | None = Field(None, ge=1)  # a group retires after this many updates used it (None = no limit)
 
 
 class RLConfig(_Strict):
-    steps: int = 0  # rollout steps (0 = skip the stage); each is followed by `updates_per_step` updates
-    prompts_per_step: int = 128  # prompts sampled per rollout step
-    group_size: int = 8  # responses per prompt (a group)
-    updates_per_step: int = 1  # optimizer updates after each rollout step
-    groups_per_update: int = 128  # groups sampled from the buffer for one update
+    steps: int = Field(0, ge=0)  # rollout steps (0 = skip the stage); each is followed by `updates_per_step` updates
+    prompts_per_step: int = Field(128, ge=1)  # prompts sampled per rollout step
+    group_size: int = Field(8, ge=1)  # responses per prompt (a group)
+    updates_per_step: int = Field(1, ge=1)  # optimizer updates after each rollout step
+    groups_per_update: int = Field(128, ge=1)  # groups sampled from the buffer for one update
     loss: str = "ppo_clip"  # a name in POLICY_LOSSES
     loss_params: dict[str, Any] = Field(default_factory=dict)  # hyperparameters of the loss
     advantage: str = "grpo"  # a name in ADVANTAGES
@@ -128,26 +134,26 @@ class RLConfig(_Strict):
     old_logp: Literal["proximal", "behavior"] = "proximal"  # what `old_logp` is: recomputed, or the engine's
     correction: str | None = None  # a name in CORRECTIONS (train-inference/staleness IS weights)
     correction_params: dict[str, Any] = Field(default_factory=dict)
-    kl_coef: float = 0.0  # weight of KL(policy || reference) added to the loss (0 = no reference model)
+    kl_coef: float = Field(0.0, ge=0)  # weight of KL(policy || reference) added to the loss (0 = no reference model)
     kl_estimator: str = "k3"  # a name in KL_ESTIMATORS
     drop_uninformative_groups: bool = True  # groups whose rewards are all equal carry no signal: counted, not stored
     skip_zero_rows: bool = True  # skip the forward/backward of rows the loss declares exactly zero (same gradient)
     red_drop: bool = False  # RED-Drop (arXiv:2509.24203): drop surplus negatives per group before advantages
-    micro_batch_size: int | None = None  # rows per forward/backward; gradients accumulate to the whole batch's
-    expert_per_group: int = 0  # expert traces (task solutions) added to every group: LUFFY/CHORD-style mixing
+    micro_batch_size: int | None = Field(None, ge=1)  # rows per forward/backward; gradients accumulate to the whole batch's
+    expert_per_group: int = Field(0, ge=0)  # expert traces (task solutions) added to every group: LUFFY/CHORD-style mixing
     controllers: dict[str, dict[str, Any]] = Field(default_factory=dict)  # stateful schedules, see train/learner.py
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 
 class AsyncConfig(_Strict):
-    num_workers: int = 1  # rollout workers (Ray actors), each with its own engine and copy of the weights
-    num_cpus: int | None = None  # CPUs of the local Ray instance (None = Ray's own count); ignored with run.ray_address
-    worker_threads: int = 1  # torch threads inside each rollout worker
-    groups_per_request: int = 16  # prompts (groups) a worker generates per call
-    sync_every: int = 1  # learner updates between weight broadcasts through Ray's object store
+    num_workers: int = Field(1, ge=1)  # rollout workers (Ray actors), each with its own engine and copy of the weights
+    num_cpus: int | None = Field(None, ge=1)  # CPUs of the local Ray instance (None = Ray's own count); ignored with run.ray_address
+    worker_threads: int = Field(1, ge=1)  # torch threads inside each rollout worker
+    groups_per_request: int = Field(16, ge=1)  # prompts (groups) a worker generates per call
+    sync_every: int = Field(1, ge=1)  # learner updates between weight broadcasts through Ray's object store
     partial_rollout: bool = False  # swap weights between decode chunks inside a generation (in-flight updates)
-    chunk_tokens: int = 2  # decode steps per chunk when partial_rollout is on
+    chunk_tokens: int = Field(2, ge=1)  # decode steps per chunk when partial_rollout is on
     replay_schedule: str | None = None  # a recorded schedule.jsonl: reproduce that async run exactly, without Ray
 
 
@@ -169,11 +175,41 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        if self.rl.steps and self.rl.groups_per_update < 1:
-            raise ValueError("rl.groups_per_update must be >= 1")
-        if self.rl.steps and self.rl.group_size < 2 and self.rl.advantage in ("grpo", "dr_grpo", "rloo"):
-            raise ValueError(f"rl.group_size must be >= 2 for the group-relative advantage {self.rl.advantage!r}")
+        """Rules that tie two keys together (one key's range is its Field's)."""
+        rl, p = self.rl, self.policy
+        if rl.steps and rl.group_size < 2:
+            if group_relative(rl.advantage, rl.advantage_params):
+                raise ValueError(f"rl.group_size=1: the group-relative advantage rl.advantage={rl.advantage!r} "
+                                 "gives every response 0 (no learning); use rl.group_size >= 2")
+            if rl.drop_uninformative_groups:
+                raise ValueError("rl.group_size=1 with rl.drop_uninformative_groups=true drops every group "
+                                 "(one reward is always 'all equal'); use rl.group_size >= 2")
+        if p.init == "tiny" and self.sampling.max_new_tokens >= p.max_len:
+            raise ValueError(f"sampling.max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt in "
+                             f"the context policy.max_len={p.max_len}")
+        if self.run.mode == "offline" and not self.offline.path:
+            raise ValueError("run.mode=offline needs offline.path (the experiences to learn from)")
+        if self.run.ray_address is not None and self.run.mode != "async":
+            raise ValueError(f"run.ray_address is only used with run.mode=async (got run.mode={self.run.mode})")
         return self
+
+
+# Advantages that compare a response with the others of its group: with one response per group they are 0.
+GROUP_RELATIVE = ("grpo", "dr_grpo", "rloo", "opmd_logavgexp", "asymre", "tempo", "optimal_baseline")
+
+
+def group_relative(advantage: str, params: dict[str, Any]) -> bool:
+    if advantage == "reinforce_pp":
+        return params.get("baseline", "group") == "group"
+    return advantage in GROUP_RELATIVE
+
+
+def _yaml_problem(e: yaml.YAMLError) -> tuple[str, str]:
+    """``(":line L", "what went wrong")`` of a YAML error, on one line (PyYAML's own message spans several)."""
+    mark = getattr(e, "problem_mark", None)  # MarkedYAMLError has it; the base class does not
+    where = f":line {mark.line + 1}" if mark is not None else ""
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    return where, problem
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -186,7 +222,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({_yaml_problem(e)[1]})") from None
     return key.split("."), value
 
 
@@ -212,7 +248,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             data = _yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
+            where, problem = _yaml_problem(e)
+            raise ConfigError(f"recipe {p}{where} is not valid YAML: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {p} must be a mapping of sections, got {type(data).__name__}")
     for text in overrides:
@@ -220,17 +257,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_describe(e, path)) from None
+        raise ConfigError(describe_validation_error(e, path)) from None
 
 
-def _describe(err: ValidationError, path) -> str:
+def describe_validation_error(err: ValidationError, path) -> str:
+    """One line per problem, each naming its key."""
     where = f" in {path}" if path else ""
     lines = [f"invalid config{where}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {key or '(top level)'}: unknown key")
+        elif e["type"] == "value_error":  # our own validators: the message names its keys
+            lines.append(f"  {e['ctx']['error'] if 'ctx' in e else e['msg']}")
         else:
+            key = key or "(top level)"
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     if len(lines) == 2:  # one problem: one line
         return f"{lines[0]} {lines[1].strip()}"

@@ -173,7 +173,7 @@ class ScoreResult:
     first_error: str | None = None
 
 
-def _as_reward(value: Any) -> float:
+def as_reward(value: Any) -> float:
     if value is None or isinstance(value, (str, bytes)):
         raise TypeError(f"reward must be a number, got {type(value).__name__}")
     try:
@@ -222,7 +222,7 @@ def score_batch(
         try:
             if status == "error":
                 raise value
-            result.rewards[i] = _as_reward(value)
+            result.rewards[i] = as_reward(value)
         except Exception as e:  # noqa: BLE001
             result.n_errors += 1
             if result.first_error is None:

@@ -31,20 +31,27 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError(f"reading {path} needs pyarrow: pip install 'offpolicy[parquet]'") from e
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError: "magic bytes not found"
+            raise ValueError(f"task file {path}: not a readable parquet file ({e})") from None
+        for i, row in enumerate(table.to_pylist()):
             yield f"{path}:row {i}", row
         return
     if path.suffix != ".jsonl":
         raise ValueError(f"task file {path}: expected a .jsonl or .parquet file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:line {lineno}: bad JSON: {e}") from None
-            yield f"{path}:line {lineno}", row
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+    except UnicodeDecodeError as e:
+        raise ValueError(f"task file {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:line {lineno}: bad JSON: {e}") from None
+        yield f"{path}:line {lineno}", row
 
 
 def _field(where: str, row: dict, key: str, *, required: bool, numbers_ok: bool = False) -> str | None:
