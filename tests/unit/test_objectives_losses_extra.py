@@ -212,7 +212,8 @@ def test_bapo_sum_abs_is_the_default_positive_share():
     loss, m, g = run("bapo", logp, **kw)
     assert m["c_low"].item() == pytest.approx(0.9) and m["c_high"].item() == pytest.approx(3.0)
     assert m["rho"].item() == pytest.approx(1 / 3)
-    # r = 2.5 < c_h: loss −Â·r = −2.5, gradient −Â·r = −2.5; negatives r = 1 ∈ [0.9, 3]: loss 1, gradient 1
+    # r = 2.5 < c_h: loss −Â·r = −2.5, gradient −Â·r = −2.5; negatives r = 1 ∈ [0.9, 3]: loss 1,
+    # gradient 1
     close(loss, [[-2.5] + [1.0] * 5])
     close(g, [[-2.5] + [1.0] * 5])
     loss2, m2, g2 = run("bapo", logp, rho_denominator="sum_abs", **kw)

@@ -111,8 +111,8 @@ OPMD_PENALTIES = ("sequence", "token")
 
 
 @POLICY_LOSSES.register("opmd", needs=("old_logp",), default_agg="token-mean", paper="arXiv:2501.12599",
-                        summary="group-relative REINFORCE + τ(Σ_t(ℓ − ℓ_old))² per sequence (Kimi k1.5's OPMD); "
-                                "penalty='token': τ(ℓ − ℓ_old)² per token (REC's k2)")
+                        summary="group-relative REINFORCE + τ(Σ_t(ℓ − ℓ_old))² per sequence (Kimi k1.5's "
+                                "OPMD); penalty='token': τ(ℓ − ℓ_old)² per token (REC's k2)")
 def opmd(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
          regularizer_coef: float = 0.1, penalty: str = "sequence") -> tuple[torch.Tensor, dict]:
     """OPMD: group-relative REINFORCE ``−Â ℓ`` plus a squared log-ratio penalty to π_old (coefficient τ).
