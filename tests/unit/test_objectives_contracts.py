@@ -212,7 +212,7 @@ VARIANTS = [("ppo_clip", {"dual_clip": 3.0}), ("dapo", {"dual_clip": 10.0}), ("c
             ("chord", {"phi": False, "mu": 0.7}), ("clip_cov", {"clip_cov_lb": -1e9, "clip_cov_ub": 1e9,
                                                                "clip_cov_ratio": 0.5, "seed": 1}),
             ("kl_cov", {"kl_cov_ratio": 0.5}), ("m2po", {"m2_threshold": 0.0}), ("grpo", {"kl_coef": 1.0}),
-            ("bapo", {"rho_target": 0.99}), ("dpo", {"pairing": "all"}), ("mdpo", {"kl_coef": 10.0}),
+            ("bapo", {"rho_target": 0.99}), ("bapo", {"rho_denominator": "abs_sum"}), ("opmd", {"penalty": "token"}), ("dpo", {"pairing": "all"}), ("mdpo", {"kl_coef": 10.0}),
             ("vcpo", {"tis_cap": 2.0, "clip_low": 0.2, "clip_high": 0.2}), ("copg", {"beta": 1.0})]
 
 

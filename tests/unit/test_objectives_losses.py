@@ -247,7 +247,7 @@ def test_rec_rejects_unknown_modes():
 
 def test_opmd_and_asymre_are_rec_presets():
     kw = dict(advantages=REC_ADV, mask=REC_MASK)
-    opmd, _, g1 = run("opmd", REC_LOGP, old_logp=REC_OLD - 0.1, **kw)
+    opmd, _, g1 = run("opmd", REC_LOGP, old_logp=REC_OLD - 0.1, penalty="token", **kw)
     ref, _, g2 = run("rec", REC_LOGP, old_logp=REC_OLD - 0.1, clip_mode="none", weight="none", regularizer="k2",
                      regularizer_coef=0.1, **kw)
     assert torch.equal(opmd, ref) and torch.equal(g1, g2)

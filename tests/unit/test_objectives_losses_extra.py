@@ -177,12 +177,14 @@ def test_luffy_policy_shaping():
 
 
 # ---- adaptive clipping -------------------------------------------------------------------------------
-def test_bapo_widens_upper_bound_until_positive_share_reaches_rho0():
-    # one positive token r = 3 (Â = +1) and five negative on-policy tokens (Â = −1, r = 1)
-    # ρ(c_h) = c_h / |c_h − 5|: c_h = 1.40 → 0.389 < 0.4; c_h = 1.45 → 0.408 ≥ 0.4 → bounds (0.6, 1.45)
+def test_bapo_abs_sum_lets_negatives_outweigh_positives():
+    # rho_denominator="abs_sum" (Eq. 8 as printed): one positive token r = 3 (Â = +1) and five negative
+    # on-policy tokens (Â = −1, r = 1). ρ(c_h) = c_h / |c_h − 5|: c_h = 1.40 → 0.389 < 0.4;
+    # c_h = 1.45 → 0.408 ≥ 0.4 → bounds (0.6, 1.45), accepted with negatives 5 : 1.45 ≈ 3.45 : 1
     logp = t([L(3.0)] + [0.0] * 5)
     adv = t([1.0] + [-1.0] * 5)
-    loss, m, g = run("bapo", logp, advantages=adv, mask=torch.ones(1, 6, dtype=D), old_logp=torch.zeros(1, 6, dtype=D))
+    loss, m, g = run("bapo", logp, advantages=adv, mask=torch.ones(1, 6, dtype=D), old_logp=torch.zeros(1, 6, dtype=D),
+                     rho_denominator="abs_sum")
     assert m["c_high"].item() == pytest.approx(1.45) and m["c_low"].item() == pytest.approx(0.6)
     assert m["rho"].item() == pytest.approx(1.45 / 3.55)
     close(loss, [[-1.45] + [1.0] * 5])  # positive token clipped at 1.45; negatives −Â·1
@@ -190,12 +192,93 @@ def test_bapo_widens_upper_bound_until_positive_share_reaches_rho0():
 
 
 def test_bapo_exhausts_the_path():
-    # 100 negatives: even c_h = 3 gives ρ = 3/97 → Algorithm 1 ends at (b⁻, b⁺) = (0.9, 3.0)
+    # 100 negatives: even c_h = 3 gives ρ = 3/97 (abs_sum) or 3/103 (sum_abs) → Algorithm 1 ends at
+    # (b⁻, b⁺) = (0.9, 3.0)
     logp = t([L(3.0)] + [0.0] * 100)
     adv = t([1.0] + [-1.0] * 100)
-    _, m, _ = run("bapo", logp, advantages=adv, mask=torch.ones(1, 101, dtype=D),
-                  old_logp=torch.zeros(1, 101, dtype=D))
+    for denominator in ("abs_sum", "sum_abs"):
+        _, m, _ = run("bapo", logp, advantages=adv, mask=torch.ones(1, 101, dtype=D),
+                      old_logp=torch.zeros(1, 101, dtype=D), rho_denominator=denominator)
+        assert m["c_low"].item() == pytest.approx(0.9) and m["c_high"].item() == pytest.approx(3.0)
+
+
+def test_bapo_sum_abs_is_the_default_positive_share():
+    # One positive token r = 2.5 (Â = +1), five negatives r = 1 (Â = −1). Default "sum_abs": ρ = P / (P + N),
+    # P = min(2.5, c_h), N = 5·max(1, c_l) = 5: ρ ≤ 2.5 / 7.5 = 1/3 < 0.4 on the whole path, so Algorithm 1
+    # ends at (b⁻, b⁺) = (0.9, 3.0) with ρ = 1/3. ("abs_sum" stops at c_h = 1.45: 1.45 / 3.55 = 0.408.)
+    logp = t([L(2.5)] + [0.0] * 5)
+    adv = t([1.0] + [-1.0] * 5)
+    kw = dict(advantages=adv, mask=torch.ones(1, 6, dtype=D), old_logp=torch.zeros(1, 6, dtype=D))
+    loss, m, g = run("bapo", logp, **kw)
     assert m["c_low"].item() == pytest.approx(0.9) and m["c_high"].item() == pytest.approx(3.0)
+    assert m["rho"].item() == pytest.approx(1 / 3)
+    # r = 2.5 < c_h: loss −Â·r = −2.5, gradient −Â·r = −2.5; negatives r = 1 ∈ [0.9, 3]: loss 1,
+    # gradient 1
+    close(loss, [[-2.5] + [1.0] * 5])
+    close(g, [[-2.5] + [1.0] * 5])
+    loss2, m2, g2 = run("bapo", logp, rho_denominator="sum_abs", **kw)
+    assert torch.equal(loss, loss2) and torch.equal(g, g2)
+    _, m3, _ = run("bapo", logp, rho_denominator="abs_sum", **kw)
+    assert m3["c_high"].item() == pytest.approx(1.45)
+
+
+def test_bapo_sum_abs_widens_where_abs_sum_stops_at_the_start():
+    # positive r = 3 (Â = +1), two negatives r = 1 (Â = −1).
+    # abs_sum: ρ = 1.2 / |1.2 − 2| = 1.5 ≥ 0.4 at the start → (0.6, 1.2), positive clipped at 1.2.
+    # sum_abs: ρ = c_h / (c_h + 2): 1.30 → 0.394 < 0.4; 1.35 → 0.403 → (0.6, 1.35), positive clipped at 1.35.
+    logp = t([L(3.0), 0.0, 0.0])
+    kw = dict(advantages=t([1.0, -1.0, -1.0]), mask=torch.ones(1, 3, dtype=D), old_logp=torch.zeros(1, 3, dtype=D))
+    loss, m, g = run("bapo", logp, rho_denominator="abs_sum", **kw)
+    assert m["c_high"].item() == pytest.approx(1.2) and m["rho"].item() == pytest.approx(1.5)
+    close(loss, [[-1.2, 1.0, 1.0]])
+    loss, m, g = run("bapo", logp, rho_denominator="sum_abs", **kw)
+    assert m["c_low"].item() == pytest.approx(0.6) and m["c_high"].item() == pytest.approx(1.35)
+    assert m["rho"].item() == pytest.approx(1.35 / 3.35)
+    close(loss, [[-1.35, 1.0, 1.0]])
+    close(g, [[0.0, 1.0, 1.0]])  # the clipped positive has no gradient
+    with pytest.raises(ValueError, match="rho_denominator='abs'; valid"):
+        run("bapo", logp, rho_denominator="abs", **kw)
+
+
+# ---- opmd: sequence vs token penalty ------------------------------------------------------------------
+# row 0 (Â = +1, 2 valid tokens): ℓ − ℓ_old = [−1 − (−1.5), −2 − (−1.5)] = [0.5, −0.5], D_0 = 0
+# row 1 (Â = −0.5, 3 valid tokens): ℓ − ℓ_old = [0.2, 0.3, 0], D_1 = 0.5;  τ = 0.1
+OPMD_LOGP = t([-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0])
+OPMD_KW = dict(old_logp=t([-1.5, -1.5, 0.0], [-1.2, -1.3, -1.0]), advantages=t([1.0] * 3, [-0.5] * 3),
+               mask=t([1.0, 1.0, 0.0], [1.0, 1.0, 1.0]), regularizer_coef=0.1)
+
+
+def test_opmd_sequence_penalty_is_kimi_eq3():
+    # sequence (default): each valid token carries −Â ℓ + τ D²/|y|
+    #   row 0: D = 0 → [1, 2, 0];  gradient −Â = −1 on valid tokens
+    #   row 1: 0.5·(−1) + 0.1·0.25/3 = −0.4916667;  gradient −Â + 2τD = 0.5 + 0.1 = 0.6 on every token
+    loss, m, g = run("opmd", OPMD_LOGP, **OPMD_KW)
+    close(loss, [[1.0, 2.0, 0.0], [-0.5 + 0.025 / 3] * 3])
+    close(g, [[-1.0, -1.0, 0.0], [0.6, 0.6, 0.6]])
+    close(loss.sum(-1), [3.0, -1.5 + 0.1 * 0.25])  # the row sums: −Â Σ_t ℓ + τ D²
+    assert m["seq_log_ratio_sq"].item() == pytest.approx((0.0 + 0.25) / 2)
+    loss2, _, g2 = run("opmd", OPMD_LOGP, penalty="sequence", **OPMD_KW)
+    assert torch.equal(loss, loss2) and torch.equal(g, g2)
+
+
+def test_opmd_token_penalty_is_rec_k2():
+    # token: −Â ℓ + τ δ², gradient −Â + 2τδ
+    #   row 0: [1 + 0.025, 2 + 0.025, 0]; gradient [−1 + 0.1, −1 − 0.1, 0]   (D = 0 but each δ is penalised)
+    #   row 1: [−0.5 + 0.004, −0.5 + 0.009, −0.5]; gradient [0.5 + 0.04, 0.5 + 0.06, 0.5]
+    loss, _, g = run("opmd", OPMD_LOGP, penalty="token", **OPMD_KW)
+    close(loss, [[1.025, 2.025, 0.0], [-0.496, -0.491, -0.5]])
+    close(g, [[-0.9, -1.1, 0.0], [0.54, 0.56, 0.5]])
+    with pytest.raises(ValueError, match="penalty='seq'; valid"):
+        run("opmd", OPMD_LOGP, penalty="seq", **OPMD_KW)
+
+
+def test_opmd_sequence_penalty_ignores_padding_and_empty_rows():
+    mask = t([1.0, 1.0, 0.0], [0.0, 0.0, 0.0])
+    logp = t([-1.0, -2.0, float("nan")], [float("inf")] * 3)
+    kw = dict(OPMD_KW, mask=mask, old_logp=t([-1.5, -1.5, float("-inf")], [0.0] * 3))
+    loss, m, g = run("opmd", logp, **kw)
+    close(loss, [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    close(g, [[-1.0, -1.0, 0.0], [0.0, 0.0, 0.0]])
 
 
 def test_ctpo_cumulative_ratio_position_adaptive_clip():

@@ -15,6 +15,9 @@ from offpolicy.objectives.losses.common import POLICY_LOSSES, clipped_surrogate,
 
 
 # ---- adaptive clipping / token selection ---------------------------------------------------
+BAPO_RHO_DENOMINATORS = ("sum_abs", "abs_sum")
+
+
 def _absolute_clip(ratio: torch.Tensor, advantages: torch.Tensor, c_low: torch.Tensor | float,
                    c_high: torch.Tensor | float) -> torch.Tensor:
     """``max(−Â r, −Â clamp(r, c_low, c_high))`` with absolute ratio bounds (may be 0-d tensors)."""
@@ -28,19 +31,37 @@ def _absolute_clip(ratio: torch.Tensor, advantages: torch.Tensor, c_low: torch.T
                                 "of the objective")
 def bapo(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
          rho_target: float = 0.4, low_start: float = 0.6, low_max: float = 0.9, high_start: float = 1.2,
-         high_max: float = 3.0, high_step: float = 0.05, low_step: float = 0.02) -> tuple[torch.Tensor, dict]:
+         high_max: float = 3.0, high_step: float = 0.05, low_step: float = 0.02,
+         rho_denominator: str = "sum_abs") -> tuple[torch.Tensor, dict]:
     """BAPO (paper version [P]): ``L = max(−Â r, −Â clip(r, c_low, c_high))`` with bounds chosen on this batch.
 
-    ``ρ(c_l, c_h) = |Σ_{Â>0} min(rÂ, clip(r, 0, c_h)Â)| / |Σ_t min(rÂ, clip(r, c_l, c_h)Â)|``.
+    With the per-token contribution ``u_t = min(r Â, clip(r, c_l, c_h) Â)`` (for Â > 0
+    it equals the numerator's ``min(rÂ, clip(r, 0, c_h)Â) = Â min(r, c_h)``; for Â < 0
+    it is ``Â max(r, c_l)``), the positive share ρ is (``rho_denominator``):
+
+    * ``"sum_abs"`` (default): ``ρ = Σ_{Â>0} u_t / Σ_t |u_t|`` = P / (P + N), the
+      positive fraction of the total loss magnitude, in [0, 1];
+    * ``"abs_sum"``: ``ρ = |Σ_{Â>0} u_t| / |Σ_t u_t|`` = P / |P − N|, Eq. 8 as printed.
+
+    Why ``sum_abs`` is the default: Eq. 8 calls ρ0 "the target contribution of
+    positive signals to the policy gradient loss", and the authors' code
+    (``recipe/bapo/policy_loss.py``) compares the *sums of magnitudes* of the two
+    signs (``pos/neg ≥ 1``, i.e. P / (P + N) ≥ 0.5, the README's ρ0 = 0.5). As
+    printed, negatives cancel positives in the denominator: ρ0 = 0.4 is met with
+    N = 3.5 P (negatives outweigh positives 3.5:1), and ρ can exceed 1. The
+    paper's ``π_rollout(y_t)`` factor is the sampling expectation, i.e. the sum
+    over sampled tokens here.
+
     Algorithm 1: start at ``(c_l, c_h) = (a⁻, a⁺) = (0.6, 1.2)``; while ``ρ < ρ0 = 0.4``
     and ``c_l + δ₂ ≤ b⁻ = 0.9``: raise ``c_h`` by ``δ₁ = 0.05`` up to ``b⁺ = 3.0``, after
     that raise ``c_l`` by ``δ₂ = 0.02``. Bounds are recomputed from the start values
     every call (no state), evaluated for every step of the path without a host
-    sync. The official code's variant (pos/neg ratio target 1, c_low raised first,
-    dual clip 3, all-reduced sums) is not implemented. Metrics add ``c_low``,
-    ``c_high``, ``rho``.
+    sync. The official code's other differences (c_low raised first, dual clip 3,
+    all-reduced sums) are not implemented. Metrics add ``c_low``, ``c_high``, ``rho``.
     """
     check_shapes("bapo", logp=logp, advantages=advantages, mask=mask, old_logp=old_logp)
+    if rho_denominator not in BAPO_RHO_DENOMINATORS:
+        raise ValueError(f"bapo rho_denominator={rho_denominator!r}; valid: {list(BAPO_RHO_DENOMINATORS)}")
     if not (0 <= low_start <= low_max <= 1 <= high_start <= high_max and high_step > 0 and low_step > 0):
         raise ValueError("bapo needs 0 <= low_start <= low_max <= 1 <= high_start <= high_max and positive steps")
     lr = token_log_ratio(logp, old_logp, mask)
@@ -54,7 +75,8 @@ def bapo(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, ol
         rhos = []
         for c_l, c_h in path:  # ≤ ~52 cheap passes; no .item()
             num = (pos * torch.minimum(r * A, r.clamp(0, c_h) * A)).sum().abs()
-            den = (m * torch.minimum(r * A, r.clamp(c_l, c_h) * A)).sum().abs()
+            u = m * torch.minimum(r * A, r.clamp(c_l, c_h) * A)  # (B, T) per-token contribution
+            den = u.abs().sum() if rho_denominator == "sum_abs" else u.sum().abs()
             rhos.append(torch.where(den > 0, num / den.clamp(min=1e-30), torch.full_like(num, math.inf)))
         rho = torch.stack(rhos)  # (K,)
         ok = rho >= rho_target

@@ -107,17 +107,48 @@ def rec(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, old
     return masked(loss, mask), metrics
 
 
-@POLICY_LOSSES.register("opmd", needs=("old_logp",), default_agg="token-mean", paper="arXiv:2501.12599",
-                        summary="group-relative REINFORCE + τ(ℓ − ℓ_old)² (Kimi k1.5's OPMD, REP family)")
-def opmd(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
-         regularizer_coef: float = 0.1) -> tuple[torch.Tensor, dict]:
-    """OPMD = ``rec(clip_mode="none", weight="none", regularizer="k2")``: ``L = −Â ℓ + τ (ℓ − ℓ^old)²``.
+OPMD_PENALTIES = ("sequence", "token")
 
-    τ = ``regularizer_coef`` = 0.1 (Trinity ``examples/rec_gsm8k``; Kimi's ½ is in τ).
-    Delta vs reinforce: a squared log-ratio penalty keeps π_θ near π_old.
+
+@POLICY_LOSSES.register("opmd", needs=("old_logp",), default_agg="token-mean", paper="arXiv:2501.12599",
+                        summary="group-relative REINFORCE + τ(Σ_t(ℓ − ℓ_old))² per sequence (Kimi k1.5's "
+                                "OPMD); penalty='token': τ(ℓ − ℓ_old)² per token (REC's k2)")
+def opmd(*, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
+         regularizer_coef: float = 0.1, penalty: str = "sequence") -> tuple[torch.Tensor, dict]:
+    """OPMD: group-relative REINFORCE ``−Â ℓ`` plus a squared log-ratio penalty to π_old (coefficient τ).
+
+    ``penalty`` (``D_i = Σ_t (ℓ_{i,t} − ℓ^old_{i,t})``, the sequence log-ratio of row i,
+    ``|y_i|`` its valid tokens):
+
+    * ``"sequence"`` (default): ``τ D_i²`` per sequence, written as ``τ D_i² / |y_i|`` on
+      each valid token, so the token sum of row i is ``−Â_i Σ_t ℓ_{i,t} + τ D_i²``.
+      This is Kimi k1.5's Eq. 3 surrogate: the gradient ``(r − r̄)∇log π(y) −
+      (τ_K/2)∇(log π(y)/π_old(y))²`` with sequence probabilities, Kimi's ½ absorbed
+      in τ (τ = τ_K / 2). With ``token-mean`` aggregation the whole loss is Kimi's
+      per-sequence objective divided by the batch's token count.
+    * ``"token"``: ``τ Σ_t (ℓ_{i,t} − ℓ^old_{i,t})²``, i.e.
+      ``rec(clip_mode="none", weight="none", regularizer="k2")`` (REC's k2 and
+      Trinity-RFT's implementation).
+
+    They differ by the cross terms ``2τ Σ_{s≠t} δ_s δ_t`` (``δ = ℓ − ℓ^old``): per-token
+    drifts that cancel along a sequence are free under "sequence" and penalised under
+    "token"; a drift of one sign is penalised ~|y| times harder under "sequence".
+    Both have zero penalty gradient on-policy. The default follows the paper the loss
+    is named after (docs/algorithms.md). τ = ``regularizer_coef`` = 0.1 (Trinity
+    ``examples/rec_gsm8k``, tuned for the token form). Metric ``seq_log_ratio_sq``:
+    mean over rows of ``D_i²``. Delta vs reinforce: the penalty keeps π_θ near π_old.
     """
-    return rec(logp=logp, advantages=advantages, mask=mask, old_logp=old_logp, clip_mode="none",
-               weight="none", regularizer="k2", regularizer_coef=regularizer_coef)
+    if penalty not in OPMD_PENALTIES:
+        raise ValueError(f"opmd penalty={penalty!r}; valid: {list(OPMD_PENALTIES)}")
+    reg = "k2" if penalty == "token" else "none"
+    loss, metrics = rec(logp=logp, advantages=advantages, mask=mask, old_logp=old_logp, clip_mode="none",
+                        weight="none", regularizer=reg, regularizer_coef=regularizer_coef)
+    d = token_log_ratio(logp, old_logp, mask).sum(-1, keepdim=True)  # (B, 1) sequence log-ratio D_i
+    if penalty == "sequence":
+        n_tok = mask.sum(-1, keepdim=True).clamp(min=1)  # (B, 1) |y_i|; an empty row has D = 0
+        loss = loss + masked(regularizer_coef * d.square() / n_tok, mask)
+    metrics["seq_log_ratio_sq"] = d.detach().square().mean()
+    return loss, metrics
 
 
 @POLICY_LOSSES.register("asymre", needs=(), default_agg="token-mean", paper="arXiv:2506.20520",
