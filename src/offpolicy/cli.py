@@ -47,13 +47,11 @@ def train(
 ) -> None:
     """Run a recipe: SFT and/or RL stages, evaluation, checkpoints, metrics and a summary."""
     from offpolicy.config import load_config
-    from offpolicy.preflight import preflight
     from offpolicy.train.runner import train as run_train
 
     try:
         cfg = load_config(recipe, overrides or [])
-        preflight(cfg, resume=resume)  # before anything is written: out_dir, checkpoint, task, reward, context
-        run_train(cfg, resume=resume)
+        run_train(cfg, resume=resume)  # its setup runs offpolicy.preflight before anything is written
     except USER_ERRORS as e:
         _fail(e, debug)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import math
 import struct
 import sys
@@ -163,7 +164,11 @@ def test_wandb_offline_run_folder_holds_the_metrics(tmp_path, monkeypatch):
     write(out, loggers=["wandb"], run_name="unit", config={"rl": {"loss": "grpo"}})
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    records = _wandb_records(next(runs[0].glob("run-*.wandb")))
+    for _ in range(100):  # wandb's writer process may still be flushing under load: poll, at most ~10 s
+        records = _wandb_records(next(runs[0].glob("run-*.wandb")))
+        if any(r.WhichOneof("record_type") == "run" for r in records):
+            break
+        time.sleep(0.1)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.display_name == "unit" and run.project == "offpolicy"
     assert {u.key: json.loads(u.value_json) for u in run.config.update}["rl"] == {"loss": "grpo"}

@@ -30,7 +30,9 @@ from offpolicy.report.console import Console
 from offpolicy.report.metrics import MetricsLog
 from offpolicy.rollout.engines import Engine, make_engine
 from offpolicy.rollout.workflows import ScoreFn, make_score_fn
-from offpolicy.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from offpolicy.preflight import preflight
+from offpolicy.train.checkpoint import (clean_orphans, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                        set_rng_state)
 from offpolicy.train.evaluate import evaluate
 
 LOGGED_FILES = ("metrics.jsonl", "experiences.jsonl")  # cut back to their checkpointed length on resume
@@ -62,7 +64,10 @@ class Run:
 
 def setup(cfg: Config, resume: bool) -> Run:
     out = Path(cfg.run.out_dir)
-    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+    preflight(cfg, resume=resume)  # everything that can be checked before a byte is written
+    if resume and (out / "checkpoints").is_dir():
+        clean_orphans(out / "checkpoints")
+    ckpt = latest_checkpoint(out / "checkpoints") if resume else None  # a bad one is skipped with a warning
     if resume and ckpt is None:
         raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}; run without --resume to start afresh")
     if not resume and (out / "metrics.jsonl").exists():
@@ -91,7 +96,8 @@ def setup(cfg: Config, resume: bool) -> Run:
     if ckpt:
         console.print(f"resuming from {ckpt} (stage {state['stage']}, step {state['step']})")
     engine = make_engine(policy, version=state.get("version", 0))
-    return Run(cfg, out, policy, engine, score_fn, task, eval_problems, MetricsLog(out), console, state)
+    log = MetricsLog(out, loggers=cfg.run.loggers, run_name=cfg.run.name, config=cfg.model_dump(mode="json"))
+    return Run(cfg, out, policy, engine, score_fn, task, eval_problems, log, console, state)
 
 
 def new_state() -> dict[str, Any]:
@@ -160,7 +166,7 @@ def checkpoint(run: Run, stage_state: dict | None, name: str | None = None) -> P
     run.log.flush()
     state = {**run.state, "elapsed": run.elapsed(), "log_sizes": log_sizes(run.out)}
     name = name or f"step_{run.state['stage']}_{run.state['step']:06d}"
-    return save_checkpoint(run.out / "checkpoints", name, run.policy, state)
+    return save_checkpoint(run.out / "checkpoints", name, run.policy, state, keep=run.cfg.run.keep_checkpoints)
 
 
 def current_rss_mb() -> float:
