@@ -159,7 +159,6 @@ class AsyncConfig(_Strict):
 
 class OfflineConfig(_Strict):
     path: str | None = None  # experiences to learn from (.jsonl as run.save_experiences writes, or .parquet)
-    shuffle: bool = True  # draw groups in a seeded random order (False = file order)
 
 
 class Config(_Strict):
