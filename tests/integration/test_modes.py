@@ -103,8 +103,7 @@ def test_a_dead_worker_is_restarted_and_its_request_redone(tmp_path, tiny_config
                       "rl.buffer.max_staleness=2"))
     rows = rl_rows(out)
     assert len(rows) == 4 and rows[-1]["rollouts"] == 4 * 8 * 4  # nothing lost: every step complete
-    assert sum(r["async/worker_restarts"] for r in rows) == 1
-    assert sum(r["async/lost_requests"] for r in rows) == 1
+    assert rows[-1]["async/worker_restarts"] == 1 and rows[-1]["async/lost_requests"] == 1  # run totals
 
 
 def test_offline_learns_from_a_logged_run(tmp_path, tiny_config, reward_spec):
