@@ -243,10 +243,11 @@ def test_proximal_old_logp_reuses_the_update_forward_pass(tiny_policy, monkeypat
     """Skipping the separate proximal pass changes nothing: same loss, ratio, gradient step."""
     batch = rollout_batch(tiny_policy, shift=-0.3)
     fast = Learner(tiny_policy.copy(requires_grad=True), rl(loss="ppo_clip"), total_updates=1)
-    slow = Learner(tiny_policy.copy(requires_grad=True), rl(loss="ppo_clip"), total_updates=1)
     monkeypatch.setattr("offpolicy.train.learner.has_active_dropout", lambda model: True)  # forces the 2nd pass
-    m_slow = slow.update(batch)
+    slow = Learner(tiny_policy.copy(requires_grad=True), rl(loss="ppo_clip"), total_updates=1)  # decided here
     monkeypatch.undo()
+    assert (fast.old_logp_from, slow.old_logp_from) == ("current", "proximal")
+    m_slow = slow.update(batch)
     m_fast = fast.update(batch)
     for key in ("loss/policy", "loss/ratio_mean", "loss/grad_norm"):
         assert m_fast[key].item() == pytest.approx(m_slow[key].item(), rel=1e-5, abs=1e-7)
