@@ -496,3 +496,10 @@ def test_sampler_params_come_from_the_controllers(tiny_policy):
     learner.end_rollout_step()  # t reaches reincarnate_at: pi_base <- pi_T, on-policy data from now on
     assert learner.sampler_params() == {"p_off": 0.0, "window": 2}
     assert Learner(tiny_policy, rl(), total_updates=1).sampler_params() == {}
+
+
+def test_expert_rows_do_not_count_as_stale(tiny_policy):
+    learner = Learner(tiny_policy, rl(loss="chord"), total_updates=4)
+    learner.version = 3
+    metrics = learner.update(rollout_batch(tiny_policy, expert_rows=2, version=3))
+    assert metrics["offpolicy/staleness_max"].item() == 0.0  # the expert rows' version 0 is not a lag of 3

@@ -435,7 +435,8 @@ class Learner:
     def _diagnostics(self, batch, logp, entropy, advantages, rows=None) -> dict[str, torch.Tensor]:
         """Batch diagnostics. When zero-loss rows were skipped, entropy, ESS, log-ratios and staleness
         describe the rows the update learned from; ``train/active_row_frac`` says what share that was.
-        ESS and log-ratios cover the rows with behaviour log-probs (not expert/offline traces)."""
+        ESS and log-ratios cover the rows with behaviour log-probs, staleness the rows a policy version
+        sampled (not expert traces, whose version field means nothing)."""
         n_all = batch.mask.sum().clamp(min=1)
         out = {"adv/abs_mean": (advantages.abs() * batch.mask).sum() / n_all,
                "reward/train_batch_mean": batch.rewards.mean(),
@@ -453,7 +454,8 @@ class Learner:
             out["offpolicy/ess"] = ess(log_w.sum(-1), bmask.any(-1).float())
             out["offpolicy/ess_token"] = ess(log_w, bmask)
             out.update({f"offpolicy/log_ratio_{k}": v for k, v in ratio_quantiles(log_w, bmask).items()})
-        stale = staleness_stats(batch.versions, self.version, mask)
+        sampled = mask * (~batch.is_expert)[:, None].to(mask.dtype)  # (B, T) expert traces have no version
+        stale = staleness_stats(batch.versions, self.version, sampled)
         out.update({f"offpolicy/staleness_{k}": v for k, v in stale.items()})
         return out
 
@@ -557,6 +559,7 @@ def build_controllers(cfg: RLConfig, policy: Policy, total_updates: int) -> dict
 
 def sft_update(policy: Policy, batch: Batch, opt, sched, grad_clip: float) -> dict[str, torch.Tensor]:
     """One supervised step on expert traces: token-mean negative log-likelihood (the ``sft`` loss)."""
+    batch = batch.to(next(iter(policy.parameters())).device)  # no copy when already there
     logp, _ = policy.response_logprobs(batch.input_ids, batch.attention_mask, batch.prompt_len)
     loss_tok, _ = POLICY_LOSSES["sft"](logp=logp, advantages=torch.zeros_like(logp), mask=batch.mask)
     loss = AGGREGATIONS["token-mean"](loss_tok, batch.mask)
