@@ -1,7 +1,7 @@
 """Micro-batching with gradient accumulation: the accumulated gradient equals the whole batch's.
 
 For every registered loss and every aggregation, ``rl.micro_batch_size`` = 1 and 3 give the same
-parameter gradients (to 1e-6) as one whole-batch pass, including losses with batch-wide statistics
+parameter gradients (to 2e-6 of the largest entry; float32 log-probs) as one whole-batch pass, including losses with batch-wide statistics
 or selections (M2PO's second-moment masking, Clip-Cov / KL-Cov, BAPO's bounds, group baselines).
 """
 
@@ -51,13 +51,15 @@ def step_grads(policy, batch, **cfg):
     return grads, metrics
 
 
-def assert_same_grads(a, b, atol=1e-6, rtol=1e-5):
-    """Equal to ``atol`` absolutely and to ``rtol`` relative to the largest gradient entry (float32
-    summation order differs between one pass and several; a wrong accumulation is off by far more)."""
+def assert_same_grads(a, b, rtol=2e-6):
+    """Equal to ``rtol`` × the largest gradient entry. ``Policy.response_logprobs`` computes log-probs in
+    float32 whatever the model's dtype, and one pass and several sum in different orders: the measured
+    worst case over every loss × aggregation is ~5e-7 relative (1.2e-6 absolute for entries up to ~2.4);
+    a wrong accumulation (one micro-batch's g off by 1e-4) is far outside."""
     assert len(a) == len(b)
     worst = max(float((x - y).abs().max()) for x, y in zip(a, b))
     scale = max(float(y.abs().max()) for y in b)
-    assert worst <= atol and worst <= rtol * scale, f"max |Δgrad| = {worst:.3g} for max |grad| = {scale:.3g}"
+    assert worst <= rtol * max(scale, 1.0), f"max |Δgrad| = {worst:.3g} for max |grad| = {scale:.3g}"
 
 
 def loss_case(name):
