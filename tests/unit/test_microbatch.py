@@ -1,8 +1,9 @@
 """Micro-batching with gradient accumulation: the accumulated gradient equals the whole batch's.
 
 For every registered loss and every aggregation, ``rl.micro_batch_size`` = 1 and 3 give the same
-parameter gradients (to 2e-6 of the largest entry; float32 log-probs) as one whole-batch pass, including losses with batch-wide statistics
-or selections (M2PO's second-moment masking, Clip-Cov / KL-Cov, BAPO's bounds, group baselines).
+parameter gradients (to 2e-6 of the largest entry; the log-probs are float32) as one whole-batch
+pass, including losses with batch-wide statistics or selections (M2PO's second-moment masking,
+Clip-Cov / KL-Cov, BAPO's bounds, group baselines).
 """
 
 from __future__ import annotations
