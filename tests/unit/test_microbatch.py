@@ -12,13 +12,11 @@ import pytest
 import torch
 
 from offpolicy.config import ConfigError, OptimConfig, RLConfig
-from offpolicy.experience import Experience, collate
 from offpolicy.objectives import AGGREGATIONS, POLICY_LOSSES
-from offpolicy.rollout.engines import SamplingParams, TinyEngine
 from offpolicy.train.learner import Learner
 
-PROMPTS = ["12+34=", "5+6="]
-GROUP = 4
+from test_learner import rollout_batch
+
 MICRO = (1, 3)
 # hyperparameters that make a loss's batch-wide selection active (or deterministic) on the tiny batch
 PARAMS = {"clip_cov": {"seed": 0, "clip_cov_lb": -1e9, "clip_cov_ub": 1e9, "clip_cov_ratio": 0.3},
@@ -26,19 +24,13 @@ PARAMS = {"clip_cov": {"seed": 0, "clip_cov_lb": -1e9, "clip_cov_ub": 1e9, "clip
 
 
 def small_batch(policy, *, expert_rows: int = 0, shift: float = -0.3):
-    """Two groups of sampled responses (distinct rewards, engine log-probs shifted by ``shift`` so ratios
-    differ from 1) and optionally expert traces without behaviour log-probs."""
-    tok = policy.tokenizer
-    prompts = [tok.encode(p) for p in PROMPTS for _ in range(GROUP)]
-    gens = TinyEngine(policy).generate(prompts, SamplingParams(max_new_tokens=5), seed=0)
-    g = torch.Generator().manual_seed(1)
-    exps = [Experience(p, r.response_ids, reward=float(i % GROUP) / GROUP, group_id=f"g{i // GROUP}",
-                       behavior_logprobs=[lp + shift * float(torch.rand(1, generator=g)) for lp in r.logprobs])
-            for i, (p, r) in enumerate(zip(prompts, gens))]
-    for j in range(expert_rows):
-        exps.append(Experience(tok.encode(PROMPTS[j]), tok.encode("46") + [tok.eos_id], reward=1.0, source="expert",
-                               group_id=f"g{j}"))
-    return collate(exps, tok.pad_id)
+    """Sampled groups with distinct rewards (``test_learner.rollout_batch``) whose behaviour log-probs are
+    moved by a different amount on every token (up to ``shift``), so ratios and M2PO's log-ratios² vary,
+    and optionally expert traces without behaviour log-probs."""
+    batch = rollout_batch(policy, expert_rows=expert_rows)
+    noise = shift * torch.rand(batch.mask.shape, generator=torch.Generator().manual_seed(1))  # (B, T)
+    batch.behavior_logp = batch.behavior_logp + noise * batch.has_behavior[:, None]
+    return batch
 
 
 def step_grads(policy, batch, **cfg):
@@ -151,7 +143,7 @@ def test_micro_batching_is_a_single_pass_when_the_batch_fits(tiny_policy, monkey
 
 
 def test_micro_batch_size_is_checked(tiny_policy):
-    with pytest.raises(ConfigError, match="rl.micro_batch_size"):
+    with pytest.raises(ValueError, match="micro_batch_size"):  # ConfigError here, or the config's own bound
         Learner(tiny_policy, RLConfig(micro_batch_size=0), total_updates=1)
     model = tiny_policy.model
     model.add_module("drop", torch.nn.Dropout(0.1))  # active dropout: recomputed passes would differ
