@@ -88,11 +88,11 @@ class Batch:
     attention_mask: torch.Tensor  # (B, P+T) bool, True on real tokens
     response_ids: torch.Tensor  # (B, T) long
     mask: torch.Tensor  # (B, T) float, 1 on policy-generated response tokens
-    behavior_logp: torch.Tensor | None  # (B, T) float, None if any row lacks it
-    has_behavior: torch.Tensor  # (B,) bool
+    behavior_logp: torch.Tensor | None  # (B, T) float, 0 on rows without it; None if no row has it
+    has_behavior: torch.Tensor  # (B,) bool: the row's behaviour log-probs are real (read with behavior_logp)
     rewards: torch.Tensor  # (B,) float
     versions: torch.Tensor  # (B, T) long (per-token policy version)
-    is_expert: torch.Tensor  # (B,) bool: source is expert/offline (no behaviour policy)
+    is_expert: torch.Tensor  # (B,) bool: source "expert", or "offline" without behaviour log-probs
     group_index: torch.Tensor  # (B,) long, 0..n_groups-1
     prompt_len: int  # P
     behavior_train_logp: torch.Tensor | None = None  # (B, T) trainer log-probs at the behaviour version
@@ -104,6 +104,10 @@ class Batch:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> "Batch":
+        """The batch on ``device`` (itself when already there: no copies on the default CPU path)."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Batch(**moved)
 
@@ -137,17 +141,23 @@ def collate(experiences: Sequence[Experience], pad_id: int) -> Batch:
         attention_mask=torch.tensor(attention, dtype=torch.bool),
         response_ids=input_ids[:, P:].clone(),
         mask=torch.tensor(mask, dtype=torch.float),
-        behavior_logp=torch.tensor(blogp, dtype=torch.float) if bool(has_b.all()) else None,
+        behavior_logp=torch.tensor(blogp, dtype=torch.float) if bool(has_b.any()) else None,
         has_behavior=has_b,
         rewards=torch.tensor([float(e.reward) for e in experiences]),
         versions=torch.tensor(versions, dtype=torch.long),
-        is_expert=torch.tensor([e.source in ("expert", "offline") for e in experiences]),
+        is_expert=torch.tensor([_is_expert(e) for e in experiences]),
         group_index=torch.tensor(group_index, dtype=torch.long),
         prompt_len=P,
         behavior_train_logp=_per_token(experiences, "behavior_train_logprobs", T, torch.float),
         token_rewards=_per_token(experiences, "token_rewards", T, torch.float),
         turn_ids=_per_token(experiences, "turn_ids", T, torch.long),
     )
+
+
+def _is_expert(e: Experience) -> bool:
+    """A trace no sampling policy of ours produced: an expert's, or an offline log without behaviour
+    log-probs. Offline rows that carry them are ordinary off-policy rollouts."""
+    return e.source == "expert" or (e.source == "offline" and e.behavior_logprobs is None)
 
 
 def _per_token(experiences: Sequence[Experience], name: str, T: int, dtype) -> torch.Tensor | None:

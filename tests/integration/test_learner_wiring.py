@@ -41,6 +41,10 @@ def run(tmp_path, tiny_config, reward_spec, name, *extra, steps=3):
 
 @pytest.mark.parametrize("name", sorted(CORRECTIONS))
 def test_every_correction_trains(tmp_path, tiny_config, reward_spec, name):
+    if "turn_ids" in getattr(CORRECTIONS[name], "needs", ()):  # single-turn rollouts carry no turn ids
+        with pytest.raises(ValueError, match="needs turn_ids"):
+            run(tmp_path, tiny_config, reward_spec, name, f"rl.correction={name}")
+        return
     _, rows = run(tmp_path, tiny_config, reward_spec, name, f"rl.correction={name}", "rl.updates_per_step=2")
     assert any(k.startswith("correction/") for k in rows[-1])
 

@@ -243,10 +243,11 @@ def test_proximal_old_logp_reuses_the_update_forward_pass(tiny_policy, monkeypat
     """Skipping the separate proximal pass changes nothing: same loss, ratio, gradient step."""
     batch = rollout_batch(tiny_policy, shift=-0.3)
     fast = Learner(tiny_policy.copy(requires_grad=True), rl(loss="ppo_clip"), total_updates=1)
-    slow = Learner(tiny_policy.copy(requires_grad=True), rl(loss="ppo_clip"), total_updates=1)
     monkeypatch.setattr("offpolicy.train.learner.has_active_dropout", lambda model: True)  # forces the 2nd pass
-    m_slow = slow.update(batch)
+    slow = Learner(tiny_policy.copy(requires_grad=True), rl(loss="ppo_clip"), total_updates=1)  # decided here
     monkeypatch.undo()
+    assert (fast.old_logp_from, slow.old_logp_from) == ("current", "proximal")
+    m_slow = slow.update(batch)
     m_fast = fast.update(batch)
     for key in ("loss/policy", "loss/ratio_mean", "loss/grad_norm"):
         assert m_fast[key].item() == pytest.approx(m_slow[key].item(), rel=1e-5, abs=1e-7)
@@ -360,3 +361,145 @@ def test_tempo_gets_the_responses_with_padding_marked(tiny_policy, monkeypatch):
     ids, pad = seen["response_ids"], ~batch.attention_mask[:, batch.prompt_len:]
     assert pad.any()  # some responses are shorter than others
     assert torch.equal(ids[pad], torch.full_like(ids[pad], -1)) and torch.equal(ids[~pad], batch.response_ids[~pad])
+
+
+# ---- device / dtype ----------------------------------------------------------------------------------
+def test_bfloat16_learner_step_runs_with_finite_metrics(tiny_policy):
+    learner = Learner(tiny_policy, rl(), total_updates=2, device="cpu", dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in tiny_policy.parameters())
+    before = params_of(tiny_policy)
+    metrics = learner.update(rollout_batch(tiny_policy))
+    assert changed(before, tiny_policy) and all_finite(metrics)
+
+
+def test_device_and_dtype_move_the_anchors_and_name_the_key(tiny_policy):
+    learner = Learner(tiny_policy, rl(kl_coef=0.1), total_updates=1, device=torch.device("cpu"), dtype="float64")
+    assert all(p.dtype == torch.float64 for p in learner.ref_policy.parameters())
+    assert all_finite(learner.update(rollout_batch(tiny_policy)))
+    with pytest.raises(ConfigError, match="run.dtype"):
+        Learner(tiny_policy, rl(), total_updates=1, dtype="float8")
+
+
+def test_batch_to_its_own_device_is_no_copy(tiny_policy):
+    batch = rollout_batch(tiny_policy)
+    assert batch.to("cpu") is batch
+
+
+# ---- no silent fallbacks -------------------------------------------------------------------------------
+def test_one_expert_row_keeps_the_batchs_behaviour_logprobs_and_diagnostics(tiny_policy):
+    batch = rollout_batch(tiny_policy, expert_rows=1)
+    assert batch.behavior_logp is not None
+    assert batch.has_behavior.tolist() == [True] * (len(PROMPTS) * GROUP) + [False]
+    assert batch.is_expert.tolist() == [False] * (len(PROMPTS) * GROUP) + [True]
+    metrics = Learner(tiny_policy, rl(loss="chord"), total_updates=1).update(batch)
+    # fresh rollouts: ESS over the policy's rows is 1; the expert row (no behaviour policy) is left out
+    assert metrics["offpolicy/ess"].item() == pytest.approx(1.0, abs=1e-3)
+    assert metrics["offpolicy/log_ratio_max"].item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_offline_rows_with_behaviour_logprobs_are_not_expert_rows(tiny_policy):
+    tok = tiny_policy.tokenizer
+    rows = [Experience(tok.encode("1+1="), tok.encode("2"), source="offline", behavior_logprobs=[-1.0]),
+            Experience(tok.encode("1+1="), tok.encode("2"), source="offline"),
+            Experience(tok.encode("1+1="), tok.encode("2"), source="expert")]
+    batch = collate(rows, tok.pad_id)
+    assert batch.is_expert.tolist() == [False, True, True]
+    assert batch.has_behavior.tolist() == [True, False, False]
+    assert collate(rows[1:], tok.pad_id).behavior_logp is None  # no row has them: nothing to keep
+
+
+def test_a_correction_needing_turn_ids_refuses_data_without_them(tiny_policy):
+    learner = Learner(tiny_policy, rl(correction="turn_level"), total_updates=2)
+    with pytest.raises(ValueError, match="rl.correction: 'turn_level' needs turn_ids"):
+        learner.update(rollout_batch(tiny_policy))
+    tok = tiny_policy.tokenizer
+    batch = collate([Experience(tok.encode("1+1="), tok.encode("2+3"), reward=float(i), group_id="g",
+                                behavior_logprobs=[-1.0, -2.0, -1.5], turn_ids=[0, 1, 1]) for i in range(2)],
+                    tok.pad_id)
+    assert any(k.startswith("correction/") for k in learner.update(batch))
+
+
+def test_a_correction_refuses_rows_without_behaviour_logprobs(tiny_policy):
+    learner = Learner(tiny_policy, rl(loss="chord", correction="tis_token"), total_updates=1)
+    with pytest.raises(ValueError, match="rl.correction"):
+        learner.update(rollout_batch(tiny_policy, expert_rows=1))
+
+
+def test_vcpo_lr_never_assumes_full_ess(tiny_policy):
+    tok = tiny_policy.tokenizer
+    experts = collate([Experience(tok.encode("1+1="), tok.encode("2"), reward=float(i), source="expert",
+                                  group_id="g") for i in range(2)], tok.pad_id)
+    learner = Learner(tiny_policy, rl(loss="chord", controllers={"vcpo_lr": {}}), total_updates=1)
+    with pytest.raises(ValueError, match="rl.controllers.vcpo_lr"):
+        learner.update(experts)
+
+
+# ---- controllers ---------------------------------------------------------------------------------------
+def test_a_new_controller_is_one_class_and_one_registry_line(tiny_policy, monkeypatch):
+    from offpolicy.train.controllers import CONTROLLERS, Controller
+
+    class HalfLr(Controller):  # lr x 0.5 on every step; clip_high from a schedule
+        provides, loss_param = frozenset({"lr_scale", "loss_params"}), "clip_high"
+
+        def __init__(self, *, clip_high: float = 0.3) -> None:
+            self.clip_high, self.updates = clip_high, 0
+
+        def before_update(self, step, version):
+            return {"loss_params": {"clip_high": self.clip_high}}
+
+        def before_step(self, metrics):
+            return {"lr_scale": 0.5}
+
+        def after_update(self, metrics):
+            self.updates += 1
+            return {"ctl/updates": torch.tensor(float(self.updates))}
+
+        def state_dict(self):
+            return {"updates": self.updates}
+
+        def load_state_dict(self, state):
+            self.updates = state["updates"]
+
+    monkeypatch.setitem(CONTROLLERS, "half_lr", HalfLr)
+    batch = rollout_batch(tiny_policy, shift=-0.3)
+    plain = Learner(tiny_policy.copy(requires_grad=True), rl(loss_params={"clip_high": 0.3}), total_updates=1)
+    half = Learner(tiny_policy.copy(requires_grad=True), rl(controllers={"half_lr": {}}), total_updates=1)
+    start = params_of(plain.policy)
+    m_plain, m_half = plain.update(batch), half.update(batch)
+    assert m_half["ctl/updates"].item() == 1.0 and half.state_dict()["controllers"]["half_lr"] == {"updates": 1}
+    assert m_half["loss/clip_frac"].item() == pytest.approx(m_plain["loss/clip_frac"].item())
+    assert half.opt.param_groups[0]["lr"] == plain.opt.param_groups[0]["lr"]  # restored after the step
+    for s, a, b in zip(start, plain.policy.parameters(), half.policy.parameters()):  # Adam: step ∝ lr
+        assert torch.allclose(b - s, 0.5 * (a - s), atol=1e-6)
+    with pytest.raises(ConfigError, match="rl.loss_params.clip_high: set by the half_lr controller"):
+        Learner(tiny_policy, rl(loss_params={"clip_high": 0.3}, controllers={"half_lr": {}}), total_updates=1)
+    with pytest.raises(ConfigError, match="rl.controllers.vcpo_lr: sets lr_scale, which half_lr already sets"):
+        Learner(tiny_policy, rl(controllers={"half_lr": {}, "vcpo_lr": {}}), total_updates=1)
+
+
+def test_no_controller_is_named_in_the_learner():
+    import inspect as _inspect
+
+    import offpolicy.train.learner as learner_module
+    from offpolicy.train.controllers import CONTROLLERS
+    source = _inspect.getsource(learner_module)
+    assert not [name for name in CONTROLLERS if name in source]
+
+
+def test_sampler_params_come_from_the_controllers(tiny_policy):
+    from offpolicy.config import BufferConfig
+    cfg = rl(loss="remix_ppg", kl_coef=0.05, controllers={"remix": {"reincarnate_at": 1, "p_off": 0.4}},
+             buffer=BufferConfig(sampling="recent_mix", sampling_params={"p_off": 0.4, "window": 2}))
+    learner = Learner(tiny_policy, cfg, total_updates=2)
+    assert learner.sampler_params() == {"p_off": 0.4, "window": 2}
+    learner.update(rollout_batch(tiny_policy))
+    learner.end_rollout_step()  # t reaches reincarnate_at: pi_base <- pi_T, on-policy data from now on
+    assert learner.sampler_params() == {"p_off": 0.0, "window": 2}
+    assert Learner(tiny_policy, rl(), total_updates=1).sampler_params() == {}
+
+
+def test_expert_rows_do_not_count_as_stale(tiny_policy):
+    learner = Learner(tiny_policy, rl(loss="chord"), total_updates=4)
+    learner.version = 3
+    metrics = learner.update(rollout_batch(tiny_policy, expert_rows=2, version=3))
+    assert metrics["offpolicy/staleness_max"].item() == 0.0  # the expert rows' version 0 is not a lag of 3

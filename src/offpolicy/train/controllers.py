@@ -1,10 +1,25 @@
 """Stateful controllers: the few objective parts that change across steps, kept out of the pure losses.
 
 Each controller is a small class with ``state_dict()`` / ``load_state_dict()`` (so a
-checkpoint resumes it exactly) and no hidden globals. The learner owns them and,
-once per update, asks them for hyperparameters (``loss_params()``) and tells them
-what happened (``step(...)``). Nothing here imports the learner: composition, not
-hooks.
+checkpoint resumes it exactly) and no hidden globals. The learner talks to every
+controller through the same five calls (:class:`Controller`), never by name:
+
+* ``before_update(step, version) -> overrides`` — what the controller sets for this
+  update, as keys from a small fixed vocabulary (:data:`OVERRIDES`): ``loss_params``
+  (merged into the loss's hyperparameters), ``kl_coef``, ``kl_mix`` (weights of the
+  KL to the reference and to the previous policy), ``proximal`` (a module that
+  computes ``old_logp``);
+* ``before_step(metrics) -> overrides`` — after the loss, before the optimizer step
+  (``lr_scale``: VCPO needs the update's ESS);
+* ``after_update(metrics) -> metrics`` to log;
+* ``on_rollout_step(policy, anchors)`` — once per rollout step, with the learner's
+  frozen anchors (``{"ref": Policy | None, "prev": Policy | None}``) it may reset;
+* ``sampler_params(sampling) -> dict`` — replay-buffer sampling parameters it drives.
+
+A class declares what it ``provides`` (a subset of :data:`OVERRIDES`) so the learner
+decides at construction which passes and anchors an update needs. A new controller
+is one class plus one line in :data:`CONTROLLERS`. Nothing here imports the
+learner: composition, not hooks.
 
 =====================  ========================================================  ==================
 ``ChordMuSchedule``    CHORD-μ expert weight μ(s) → ``loss_params = {"mu"}``     arXiv:2508.11408
@@ -28,6 +43,36 @@ import torch
 from offpolicy.objectives.losses import chord_mu_schedule
 
 
+OVERRIDES = frozenset({"loss_params", "kl_coef", "kl_mix", "proximal", "lr_scale"})
+
+
+class Controller:
+    """No-op defaults for the controller interface; a controller overrides the calls it uses."""
+
+    provides: frozenset[str] = frozenset()  # override keys it may return (subset of OVERRIDES)
+    loss_param: str | None = None  # the loss hyperparameter it drives, if any (checked against the loss)
+
+    @classmethod
+    def build(cls, params: dict[str, Any], *, model: torch.nn.Module, steps: int) -> "Controller":
+        """Construct from ``rl.controllers.<name>`` (``model``: the policy's module; ``steps``: ``rl.steps``)."""
+        return cls(**params)
+
+    def before_update(self, step: int, version: int) -> dict[str, Any]:
+        return {}
+
+    def before_step(self, metrics: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {}
+
+    def after_update(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def on_rollout_step(self, policy: Any, anchors: dict[str, Any]) -> None:
+        return None
+
+    def sampler_params(self, sampling: str) -> dict[str, Any]:
+        return {}
+
+
 def _check_keys(who: str, state: dict, keys: tuple[str, ...]) -> None:
     missing = [k for k in keys if k not in state]
     if missing:
@@ -40,7 +85,7 @@ def _scalar(x: float | torch.Tensor) -> float:
 
 
 # ---- CHORD ----------------------------------------------------------------------------------
-class ChordMuSchedule:
+class ChordMuSchedule(Controller):
     """CHORD-μ: the expert-loss weight μ at global step s (warm-up, cosine decay, then constant).
 
     ``μ(s) = peak·s/s_w`` for ``s < s_w``; cosine from ``peak`` to ``valley`` over
@@ -55,6 +100,15 @@ class ChordMuSchedule:
             raise ValueError("ChordMuSchedule needs warmup_steps >= 0, decay_steps > 0, 0 <= valley <= peak <= 1")
         self.warmup_steps, self.decay_steps, self.peak, self.valley = warmup_steps, decay_steps, peak, valley
         self.steps = 0
+
+    provides, loss_param = frozenset({"loss_params"}), "mu"
+
+    def before_update(self, step: int, version: int) -> dict[str, Any]:
+        return {"loss_params": self.loss_params()}
+
+    def after_update(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.step()
+        return {"loss/chord_mu": torch.tensor(self.mu)}  # the μ of the next update
 
     @property
     def mu(self) -> float:
@@ -76,7 +130,7 @@ class ChordMuSchedule:
 
 
 # ---- VCPO -----------------------------------------------------------------------------------
-class VcpoLrScale:
+class VcpoLrScale(Controller):
     """VCPO's ESS-scaled learning rate for one optimizer step (mit-han-lab/vcpo ``megatron_actor.py`` [C]).
 
     ``scale = √min(1, ρ_ess/ρ_base)`` (``rule="sqrt"``) or ``min(1, ρ_ess/ρ_base)``
@@ -94,6 +148,19 @@ class VcpoLrScale:
             raise ValueError(f"VcpoLrScale base_ess_ratio must be > 0, got {base_ess_ratio}")
         self.base_ess_ratio, self.rule = base_ess_ratio, rule
         self.last_scale = 1.0
+
+    provides = frozenset({"lr_scale"})
+
+    def before_step(self, metrics: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """lr scale from the update's sequence ESS (``offpolicy/ess``); no ESS is an error, never ESS = 1."""
+        if "offpolicy/ess" not in metrics:
+            raise ValueError("rl.controllers.vcpo_lr: the batch has no rows with behaviour log-probs, so its "
+                             "sequence ESS (offpolicy/ess) is undefined; vcpo_lr needs policy rollouts")
+        self.last_scale = self.scale(metrics["offpolicy/ess"])
+        return {"lr_scale": self.last_scale}
+
+    def after_update(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"optim/lr_scale": torch.tensor(self.last_scale)}
 
     def scale(self, ess_ratio: float | torch.Tensor) -> float:
         frac = min(1.0, max(0.0, _scalar(ess_ratio)) / self.base_ess_ratio)
@@ -122,7 +189,7 @@ class VcpoLrScale:
 
 
 # ---- MDPO -----------------------------------------------------------------------------------
-class MdpoAnneal:
+class MdpoAnneal(Controller):
     """MDPO's annealed step size: ``t_k = 1 − (k − 1)/K`` at iteration k = 1..K; the loss gets ``kl_coef = 1/t_k``.
 
     The KL weight grows linearly in 1/t from 1 (k = 1) to K (k = K)
@@ -137,6 +204,18 @@ class MdpoAnneal:
             raise ValueError(f"MdpoAnneal total_iterations must be >= 1, got {total_iterations}")
         self.total_iterations = total_iterations
         self.iteration = 1
+
+    provides, loss_param = frozenset({"loss_params"}), "kl_coef"
+
+    @classmethod
+    def build(cls, params: dict[str, Any], *, model: torch.nn.Module, steps: int) -> "MdpoAnneal":
+        return cls(**{"total_iterations": steps, **params})  # K = the run's rollout steps unless set
+
+    def before_update(self, step: int, version: int) -> dict[str, Any]:
+        return {"loss_params": self.loss_params()}
+
+    def on_rollout_step(self, policy: Any, anchors: dict[str, Any]) -> None:
+        self.step()  # an MDPO iteration is one rollout step
 
     @property
     def t(self) -> float:
@@ -158,7 +237,7 @@ class MdpoAnneal:
 
 
 # ---- adaptive KL --------------------------------------------------------------------------
-class AdaptiveKL:
+class AdaptiveKL(Controller):
     """A KL-penalty coefficient adapted towards a target KL.
 
     ``rule="proportional"`` (Ziegler et al. 2019, arXiv:1909.08593; verl/TRL
@@ -177,6 +256,15 @@ class AdaptiveKL:
             raise ValueError("AdaptiveKL needs init_coef >= 0, target > 0, horizon > 0")
         self.target, self.horizon, self.rule = target, horizon, rule
         self.value = init_coef
+
+    provides = frozenset({"kl_coef"})
+
+    def before_update(self, step: int, version: int) -> dict[str, Any]:
+        return {"kl_coef": self.value}
+
+    def after_update(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.step(metrics["loss/kl_ref"])
+        return {"loss/kl_coef": torch.tensor(self.value)}  # the coefficient of the next update
 
     def loss_params(self) -> dict[str, float]:
         return {"kl_coef": self.value}
@@ -202,7 +290,7 @@ class AdaptiveKL:
 
 
 # ---- ReMix ----------------------------------------------------------------------------------
-class ReMixSchedule:
+class ReMixSchedule(Controller):
     """ReMix's schedules (arXiv:2507.06892; code not released, so everything is [S] from ALGORITHMS.md §9).
 
     * **Mix-PPG data**: each minibatch takes data of a historical policy ``π_{k−i}``
@@ -231,6 +319,25 @@ class ReMixSchedule:
         self.lam_start, self.lam_every, self.lam_decrement, self.lam_min = lam_start, lam_every, lam_decrement, lam_min
         self.t = 0
         self.reincarnated = False
+
+    provides = frozenset({"kl_mix"})  # the learner keeps a frozen π_{k−1} ("prev") when a KL term is on
+
+    def before_update(self, step: int, version: int) -> dict[str, Any]:
+        return {"kl_mix": self.kl_weights()}
+
+    def on_rollout_step(self, policy: Any, anchors: dict[str, Any]) -> None:
+        """π_{k−1} ← π_k; at step T, π_base ← π_T (reincarnation), then on-policy data only."""
+        self.step()
+        if anchors.get("prev") is not None:
+            anchors["prev"].model.load_state_dict(policy.model.state_dict())
+        if self.should_reincarnate():
+            if anchors.get("ref") is not None:
+                anchors["ref"].model.load_state_dict(policy.model.state_dict())
+            self.reincarnate()
+
+    def sampler_params(self, sampling: str) -> dict[str, Any]:
+        """The Mix-PPG data mix drives the ``recent_mix`` sampler (p → 0 after reincarnation)."""
+        return {"p_off": self.off_policy_prob, "window": self.window} if sampling == "recent_mix" else {}
 
     def lam(self, t: int | None = None) -> float:
         t = self.t if t is None else t
@@ -272,7 +379,7 @@ class ReMixSchedule:
 
 
 # ---- PPO-EWMA -------------------------------------------------------------------------------
-class EwmaProximal:
+class EwmaProximal(Controller):
     """PPO-EWMA's proximal policy: an exponentially weighted moving average of the policy's parameters.
 
     After each optimizer step ``update(model)`` folds the current weights in with
@@ -295,6 +402,20 @@ class EwmaProximal:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.total_weight = 1.0
+        self.source = model  # the live weights folded in after each update
+
+    provides = frozenset({"proximal"})
+
+    @classmethod
+    def build(cls, params: dict[str, Any], *, model: torch.nn.Module, steps: int) -> "EwmaProximal":
+        return cls(model, **params)
+
+    def before_update(self, step: int, version: int) -> dict[str, Any]:
+        return {"proximal": self.module}
+
+    def after_update(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.update(self.source)
+        return {}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -313,3 +434,13 @@ class EwmaProximal:
         _check_keys("EwmaProximal", state, ("decay", "total_weight", "module"))
         self.decay, self.total_weight = float(state["decay"]), float(state["total_weight"])
         self.module.load_state_dict(state["module"])
+
+
+CONTROLLERS: dict[str, type[Controller]] = {  # recipe name (rl.controllers.<name>) -> class
+    "chord_mu": ChordMuSchedule,  # loss_params["mu"] of `chord`, stepped every update
+    "mdpo_anneal": MdpoAnneal,  # loss_params["kl_coef"] of `mdpo`, stepped every rollout step
+    "adaptive_kl": AdaptiveKL,  # the coefficient of the learner's KL-to-reference term
+    "vcpo_lr": VcpoLrScale,  # lr x sqrt(min(1, ESS ratio)) around each optimizer step
+    "ewma_proximal": EwmaProximal,  # an EWMA copy of the weights computes old_logp (PPO-EWMA)
+    "remix": ReMixSchedule,  # ReMix: KL-convex mix of KL to pi_base and to pi_{k-1}, reincarnation, data mix
+}
