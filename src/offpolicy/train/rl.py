@@ -41,7 +41,8 @@ class RLParts:
 def build_rl(run: Run) -> RLParts:
     cfg, rl = run.cfg, run.cfg.rl
     learner = Learner(run.policy, rl, total_updates=rl.steps * rl.updates_per_step,
-                      temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens, seed=cfg.run.seed)
+                      temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens, seed=cfg.run.seed,
+                      device=cfg.run.device, dtype=cfg.run.dtype)
     try:
         buffer = ReplayBuffer(rl.buffer.capacity, rl.buffer.sampling, rl.buffer.max_staleness, rl.buffer.max_uses,
                               seed=cfg.run.seed, sampling_params=rl.buffer.sampling_params)
@@ -135,9 +136,7 @@ def learn(run: Run, parts: RLParts,
         if after_update is not None:
             after_update(chosen)
     learner.end_rollout_step()
-    if "remix" in learner.controllers and rl.buffer.sampling == "recent_mix":
-        remix = learner.controllers["remix"]  # its data mix drives the sampler (p -> 0 after reincarnation)
-        buffer.sampling_params.update(p_off=remix.off_policy_prob, window=remix.window)
+    buffer.sampling_params.update(learner.sampler_params())  # a controller may drive the data mix (ReMix)
     return per_update
 
 
