@@ -191,8 +191,15 @@ def init_ray(cfg) -> bool:
     if ray.is_initialized():
         return False
     if cfg.run.ray_address:
-        ray.init(address=cfg.run.ray_address, include_dashboard=False, log_to_driver=False)
-    else:
+        try:
+            ray.init(address=cfg.run.ray_address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as e:
+            raise ConfigError(f"run.ray_address={cfg.run.ray_address}: {e}. Is `ray start --head` running there? "
+                              "A cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token "
+                              "in this process's environment") from None
+    else:  # a single-machine instance talks over loopback only (Ray would otherwise bind the LAN address)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=cfg.async_.num_cpus, include_dashboard=False, log_to_driver=False)
     return True
 
