@@ -1,0 +1,29 @@
+"""Off-policy control: SAC and its relatives on gymnasium environments (optional extra ``offpolicy[control]``).
+
+Isolated from the language-model stack: it imports only the shared conventions (config helpers, metric
+sinks). ``ALGOS`` maps a recipe's ``algo`` to its agent class; a miss lists the valid names.
+"""
+
+from __future__ import annotations
+
+ALGOS: dict[str, type] = {}
+
+
+def register(name: str):
+    def deco(cls: type) -> type:
+        ALGOS[name] = cls
+        return cls
+
+    return deco
+
+
+def _register_all() -> None:
+    from offpolicy.control.sac import SAC
+
+    from offpolicy.control.td3 import TD3
+
+    register("sac")(SAC)
+    register("td3")(TD3)
+
+
+_register_all()
