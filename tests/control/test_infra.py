@@ -92,3 +92,19 @@ def test_env_state_replays_to_the_same_observation():
     tensors, meta = a.state()
     assert np.array_equal(b.load_state(tensors, meta), obs)
     assert np.array_equal(a.step(np.array([[-0.5]])).obs, b.step(np.array([[-0.5]])).obs)
+
+
+def test_cli_train_then_eval(tmp_path, tiny):
+    from typer.testing import CliRunner
+
+    from offpolicy.control.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "recipes/control/sac_pendulum.yaml", *tiny, "run.total_steps=60",
+                            f"run.out_dir={tmp_path}", "run.eval_every=0", "run.checkpoint_every=0"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", str(tmp_path / "checkpoints"), "--episodes", "1"])
+    assert r.exit_code == 0, r.output
+    assert '"algo": "sac"' in r.output and '"return_mean"' in r.output
+    r = runner.invoke(app, ["train", "recipes/control/sac_pendulum.yaml", "hp.gama=1"])
+    assert r.exit_code == 2 and "hp.gama: unknown key" in r.output
