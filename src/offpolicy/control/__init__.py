@@ -20,10 +20,12 @@ def register(name: str):
 def _register_all() -> None:
     from offpolicy.control.sac import SAC
 
+    from offpolicy.control.dsac_t import DSACT
     from offpolicy.control.td3 import TD3
 
     register("sac")(SAC)
     register("td3")(TD3)
+    register("dsac_t")(DSACT)
 
 
 _register_all()
