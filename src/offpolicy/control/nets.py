@@ -138,6 +138,15 @@ def adam(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
+def adam_groups(groups: list[tuple[list[nn.Parameter], float]]) -> torch.optim.Adam:
+    """One Adam over several modules; modules sharing a learning rate share a param group, so a step is as
+    few fused foreach calls as there are distinct learning rates."""
+    by_lr: dict[float, list[nn.Parameter]] = {}
+    for params, lr in groups:
+        by_lr.setdefault(lr, []).extend(params)
+    return torch.optim.Adam([{"params": ps, "lr": lr} for lr, ps in by_lr.items()], foreach=True)
+
+
 class Temperature(nn.Module):
     """The entropy temperature alpha = exp(log_alpha), a learnable scalar."""
 

@@ -16,6 +16,11 @@ Defaults (paper Table 1): Adam lr 3e-4 for actor, critics and temperature; 2 x 2
 batch 256; buffer 1e6; gamma 0.99; tau 0.005; one gradient step per environment step; target entropy
 -dim(A); alpha starts at 1.0 (log_alpha = 0, as in SB3 and CleanRL). learning_starts 5000 random steps
 (CleanRL's default; the paper does not fix it). The actor's log-std is clamped to [-20, 2] (authors' code).
+
+Update order: the critic, actor and temperature gradients are all taken at the same parameters and applied
+in one optimizer step (the original TF1 implementation ran its three train ops in one session call); SB3 and
+CleanRL step the critic before taking the actor's loss. The difference is one step of critic staleness in
+the actor's loss; the gain is one backward pass and one optimizer call per update.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pydantic import Field
 from torch import nn
 
 from offpolicy.control.loop import OffPolicyConfig
-from offpolicy.control.nets import Critics, TanhGaussianActor, Temperature, adam, frozen, polyak
+from offpolicy.control.nets import Critics, TanhGaussianActor, Temperature, adam_groups, frozen, polyak
 
 
 class SACConfig(OffPolicyConfig):
@@ -71,9 +76,9 @@ class SAC:
         self.nets = nn.ModuleDict({"actor": actor, "critic": critic, "critic_target": copy.deepcopy(critic),
                                    "temperature": Temperature(hp.alpha_init)})
         self.nets["critic_target"].requires_grad_(False)
-        self.opts = {"actor": adam(actor.parameters(), hp.actor_lr),
-                     "critic": adam(critic.parameters(), hp.critic_lr),
-                     "temperature": adam(self.nets["temperature"].parameters(), hp.alpha_lr)}
+        self.opts = {"all": adam_groups([(list(actor.parameters()), hp.actor_lr),
+                                          (list(critic.parameters()), hp.critic_lr),
+                                          (list(self.nets["temperature"].parameters()), hp.alpha_lr)])}
 
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         actor = self.nets["actor"]
@@ -89,27 +94,24 @@ class SAC:
                             b["discount"], alpha)  # (B,)
         q = critic(b["obs"], b["act"]).squeeze(-1)  # (2, B)
         qf_loss = critic_mse(q, y)
-        self.opts["critic"].zero_grad(set_to_none=True)
-        qf_loss.backward()
-        self.opts["critic"].step()
-        out = {"losses/qf_loss": qf_loss.detach(), "losses/qf_values": q.detach().mean()}
-
+        loss = qf_loss
+        out = {"losses/qf_loss": qf_loss.detach(), "losses/qf_values": q.detach().mean(), "losses/alpha": alpha}
         if step % hp.policy_frequency == 0:
-            with frozen(critic):
+            with frozen(critic):  # the actor's loss reaches the actor only, through the action
                 a, logp = actor.sample(b["obs"])
                 actor_loss = (alpha * logp - critic(b["obs"], a).squeeze(-1).min(0).values).mean()
-                self.opts["actor"].zero_grad(set_to_none=True)
-                actor_loss.backward()
-            self.opts["actor"].step()
-            out["losses/actor_loss"] = actor_loss.detach()
-            out["losses/entropy"] = -logp.detach().mean()
+            loss = loss + actor_loss
+            out.update({"losses/actor_loss": actor_loss.detach(), "losses/entropy": -logp.detach().mean()})
             if hp.autotune:
                 alpha_loss = temperature_loss(temp.log_alpha, logp, self.target_entropy)
-                self.opts["temperature"].zero_grad(set_to_none=True)
-                alpha_loss.backward()
-                self.opts["temperature"].step()
+                loss = loss + alpha_loss
                 out["losses/alpha_loss"] = alpha_loss.detach()
-        out["losses/alpha"] = alpha
+        # The three losses touch disjoint parameters (targets and logp are constants where they meet), so one
+        # backward of their sum gives each module exactly its own gradient, and one optimizer step applies them.
+        opt = self.opts["all"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
         if step % hp.target_frequency == 0:
             polyak(self.nets["critic_target"], critic, hp.tau)
         return out
