@@ -21,11 +21,13 @@ def _register_all() -> None:
     from offpolicy.control.sac import SAC
 
     from offpolicy.control.dsac_t import DSACT
+    from offpolicy.control.mdpo_off import MDPOOff
     from offpolicy.control.td3 import TD3
 
     register("sac")(SAC)
     register("td3")(TD3)
     register("dsac_t")(DSACT)
+    register("mdpo_off")(MDPOOff)
 
 
 _register_all()

@@ -87,6 +87,21 @@ class TanhGaussianActor(nn.Module):
         logp = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1) - tanh_log_det(u)
         return torch.tanh(u), logp
 
+    def sample_u(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor]:
+        """(action, log-prob, pre-tanh u, mu, log_std): for losses that score the same u under another policy."""
+        mu, log_std = self.dist_params(obs)
+        eps = torch.randn_like(mu)
+        u = mu + log_std.exp() * eps
+        logp = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1) - tanh_log_det(u)
+        return torch.tanh(u), logp, u, mu, log_std
+
+    def log_prob_u(self, obs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """log pi(tanh(u)|obs) from the pre-tanh value u (exact, no atanh)."""
+        mu, log_std = self.dist_params(obs)
+        z = (u - mu) / log_std.exp()
+        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1) - tanh_log_det(u)
+
     def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """log pi(action|obs) for actions in (-1, 1) (clamped away from +-1)."""
         mu, log_std = self.dist_params(obs)
