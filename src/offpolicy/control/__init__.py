@@ -22,12 +22,15 @@ def _register_all() -> None:
 
     from offpolicy.control.dsac_t import DSACT
     from offpolicy.control.mdpo_off import MDPOOff
+    from offpolicy.control.onpolicy import PPO, PPOPROPS
     from offpolicy.control.td3 import TD3
 
     register("sac")(SAC)
     register("td3")(TD3)
     register("dsac_t")(DSACT)
     register("mdpo_off")(MDPOOff)
+    register("ppo")(PPO)
+    register("ppo_props")(PPOPROPS)
 
 
 _register_all()
