@@ -21,6 +21,7 @@ def _register_all() -> None:
     from offpolicy.control.sac import SAC
 
     from offpolicy.control.dsac_t import DSACT
+    from offpolicy.control.flashsac import FlashSAC
     from offpolicy.control.mdpo_off import MDPOOff
     from offpolicy.control.onpolicy import PPO, PPOPROPS
     from offpolicy.control.td3 import TD3
@@ -29,6 +30,7 @@ def _register_all() -> None:
     register("td3")(TD3)
     register("dsac_t")(DSACT)
     register("mdpo_off")(MDPOOff)
+    register("flashsac")(FlashSAC)
     register("ppo")(PPO)
     register("ppo_props")(PPOPROPS)
 

@@ -145,6 +145,9 @@ class DSACT:
         out = critic(obs, act)  # (n, B, 2)
         return out[..., 0], F.softplus(out[..., 1])  # mean, std: (n, B)
 
+    def observe(self, reward, terminated, truncated) -> None:
+        """Per-step hook of the loop (unused: no running reward statistics)."""
+
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         actor = self.nets["actor"]
         return actor.mode(obs) if deterministic else actor.sample(obs)[0]

@@ -47,7 +47,12 @@ def agent_state(agent) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_agent_state(agent, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    agent.nets.load_state_dict({k[len("nets/"):]: v for k, v in tensors.items() if k.startswith("nets/")})
+    state = {k[len("nets/"):]: v for k, v in tensors.items() if k.startswith("nets/")}
+    for name, buf in list(agent.nets.named_buffers()):  # buffers sized at run time (per-env state) take the saved shape
+        if name in state and state[name].shape != buf.shape:
+            owner, _, leaf = name.rpartition(".")
+            agent.nets.get_submodule(owner)._buffers[leaf] = torch.empty_like(state[name])
+    agent.nets.load_state_dict(state)
     for name, opt in agent.opts.items():
         ckpt.load_optimizer_state(name, opt, tensors, meta["optim"][name])
 
@@ -100,6 +105,7 @@ def train(cfg: ControlConfig) -> dict:
                 action = agent.act(torch.from_numpy(obs), deterministic=False)
         res = envs.step(action.numpy())
         buffer.add(obs, action, res.reward * scale, res.next_obs, res.terminated, res.truncated)
+        agent.observe(res.reward * scale, res.terminated, res.truncated)
         obs, step = res.obs, step + n
         for ret, length in res.episodes:
             last_ret = ret

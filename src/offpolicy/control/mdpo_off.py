@@ -68,6 +68,9 @@ class MDPOOff:
         self.opts = {"all": adam_groups([(list(actor.parameters()), hp.actor_lr),
                                          (list(critic.parameters()), hp.critic_lr)])}
 
+    def observe(self, reward, terminated, truncated) -> None:
+        """Per-step hook of the loop (unused: no running reward statistics)."""
+
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         actor = self.nets["actor"]
         return actor.mode(obs) if deterministic else actor.sample(obs)[0]

@@ -80,6 +80,9 @@ class SAC:
                                           (list(critic.parameters()), hp.critic_lr),
                                           (list(self.nets["temperature"].parameters()), hp.alpha_lr)])}
 
+    def observe(self, reward, terminated, truncated) -> None:
+        """Per-step hook of the loop (unused: no running reward statistics)."""
+
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         actor = self.nets["actor"]
         return actor.mode(obs) if deterministic else actor.sample(obs)[0]

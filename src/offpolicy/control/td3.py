@@ -66,6 +66,9 @@ class TD3:
         self.opts = {"actor": adam(actor.parameters(), hp.actor_lr),
                      "critic": adam(critic.parameters(), hp.critic_lr)}
 
+    def observe(self, reward, terminated, truncated) -> None:
+        """Per-step hook of the loop (unused: no running reward statistics)."""
+
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         mu = self.nets["actor"](obs)
         if deterministic:
