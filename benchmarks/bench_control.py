@@ -12,7 +12,8 @@ buffer, warm-up, replay ratio (1 gradient step per env step), gamma, tau and see
 the runs alternate (ours, SB3, ours, ...) so load from other jobs hits both alike. ``final_return`` is the
 mean undiscounted return of 10 deterministic episodes after training, on the same evaluation seeds for
 both; seconds per 1k env steps cover the whole run (warm-up included). ``dsac_t`` (ours only) runs with the
-same sizes and learning rate as ``sac``. Rows for SB3 are prefixed ``sb3_``. Nothing here is hard-coded.
+same sizes and learning rate as ``sac``; ``flashsac`` keeps its block architecture at the same width (1 block) and
+batch. The budget is small: read the returns as "learned / did not learn yet", not as a ranking. Rows for SB3 are prefixed ``sb3_``. Nothing here is hard-coded.
 """
 
 from __future__ import annotations
@@ -36,10 +37,16 @@ from offpolicy.control.loop import train  # noqa: E402
 
 def run_ours(algo: str, a, seed: int, out: Path) -> dict:
     lr = [f"hp.actor_lr={a.lr}", f"hp.critic_lr={a.lr}"] + ([f"hp.alpha_lr={a.lr}"] if algo != "td3" else [])
-    extra = ["hp.activation=relu", "hp.alpha_init=1.0"] if algo == "dsac_t" else []
+    extra = {"dsac_t": ["hp.activation=relu", "hp.alpha_init=1.0"],
+             "flashsac": [f"hp.actor_hidden={a.hidden[0]}", f"hp.critic_hidden={a.hidden[0]}", "hp.actor_blocks=1",
+                          "hp.critic_blocks=1"]}.get(algo, [])
+    if algo == "flashsac":  # one lr for all three optimizers; its own block architecture at the same width
+        lr, a_hidden = [f"hp.lr={a.lr}"], []
+    else:
+        a_hidden = [f"hp.hidden={a.hidden}"]
     cfg = load_control_config(None, [
         f"algo={algo}", f"env.id={a.env}", f"run.total_steps={a.steps}", f"run.seed={seed}", "run.progress=false",
-        f"run.out_dir={out}", "run.log_every=100000", f"hp.hidden={a.hidden}", f"hp.learning_starts={a.learning_starts}",
+        f"run.out_dir={out}", "run.log_every=100000", *a_hidden, f"hp.learning_starts={a.learning_starts}",
         f"hp.buffer_size={a.steps}", "hp.batch_size=256", *lr, *extra])
     from offpolicy.control.cli import load_agent
 
@@ -86,7 +93,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--algos", nargs="+", default=["sac", "td3", "dsac_t"])
+    p.add_argument("--algos", nargs="+", default=["sac", "td3", "dsac_t", "flashsac"])
     p.add_argument("--out", default=str(RESULTS / "control.json"))
     a = p.parse_args()
     if a.short:

@@ -25,12 +25,14 @@ def _register_all() -> None:
     from offpolicy.control.mdpo_off import MDPOOff
     from offpolicy.control.onpolicy import PPO, PPOPROPS
     from offpolicy.control.td3 import TD3
+    from offpolicy.control.td3_bc import TD3BC
 
     register("sac")(SAC)
     register("td3")(TD3)
     register("dsac_t")(DSACT)
     register("mdpo_off")(MDPOOff)
     register("flashsac")(FlashSAC)
+    register("td3_bc")(TD3BC)
     register("ppo")(PPO)
     register("ppo_props")(PPOPROPS)
 

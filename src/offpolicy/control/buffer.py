@@ -47,6 +47,17 @@ class ReplayBuffer:
         self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
+    def extend(self, obs, act, rew, next_obs, term, trunc) -> None:
+        """Append whole episodes of one env in time order (offline datasets; needs num_envs == 1 and room)."""
+        if self.num_envs != 1 or self.size + len(obs) > self.capacity:
+            raise ValueError("buffer.extend: needs num_envs == 1 and capacity for every row")
+        sl = slice(self.ptr, self.ptr + len(obs))
+        self.obs[sl], self.act[sl], self.rew[sl], self.next_obs[sl] = obs, act, rew, next_obs
+        self.term[sl] = torch.as_tensor(term).float()
+        self.end[sl] = torch.as_tensor(term, dtype=torch.bool) | torch.as_tensor(trunc, dtype=torch.bool)
+        self.ptr = (self.ptr + len(obs)) % self.capacity
+        self.size += len(obs)
+
     def sample(self, batch_size: int, gamma: float, n_step: int = 1) -> dict[str, torch.Tensor]:
         idx = torch.randint(self.size, (batch_size,))  # (B,) uniform over stored rows
         if n_step == 1:

@@ -1,4 +1,4 @@
-"""``offpolicy control train | eval`` — the control command line (a typer sub-app).
+"""``offpolicy control train | eval | collect`` — the control command line (a typer sub-app).
 
 The main CLI mounts it with ``app.add_typer(control_app, name="control")`` where
 ``from offpolicy.control.cli import app as control_app``. gymnasium is imported only when a command runs.
@@ -55,6 +55,31 @@ def evaluate_cmd(
     """Mean and std of the undiscounted return of the checkpoint's deterministic policy."""
     try:
         result = evaluate_checkpoint(checkpoint, episodes, seed)
+    except USER_ERRORS as e:
+        _fail(e, debug)
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def collect(
+    out: Path = typer.Argument(..., help="dataset to write (JSON lines)"),
+    source: List[str] = typer.Option(..., "--source", help="'random:EPISODES' or 'CHECKPOINT:EPISODES'; repeatable"),
+    env: Optional[str] = typer.Option(None, "--env", help="gymnasium id (needed when every source is random)"),
+    seed: int = typer.Option(0, "--seed"),
+    deterministic: bool = typer.Option(False, "--deterministic", help="checkpoint policies act by their mode"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Write an offline dataset from random and trained policies (D4RL-like; behaviour log-probs where known)."""
+    from offpolicy.control.dataset import collect as run_collect
+
+    try:
+        sources = []
+        for s in source:
+            path, _, episodes = s.rpartition(":")
+            if not path or not episodes.isdigit():
+                raise ValueError(f"--source {s!r} must look like random:10 or runs/x/checkpoints:10")
+            sources.append((path, int(episodes)))
+        result = run_collect(sources, out, env_id=env, seed=seed, deterministic=deterministic)
     except USER_ERRORS as e:
         _fail(e, debug)
     typer.echo(json.dumps(result))

@@ -49,13 +49,16 @@ def plot_returns(run_dir: str | Path) -> Path | None:
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    plotted = False
     for key, style in (("charts/episodic_return", "-"), ("eval/return_mean", "o-")):
         pts = [(r["global_step"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), style, label=key, markersize=3, linewidth=1)
+            plotted = True
     ax.set_xlabel("environment steps")
     ax.set_ylabel("return")
-    ax.legend()
+    if plotted:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "returns.png"

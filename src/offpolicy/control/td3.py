@@ -40,11 +40,19 @@ class TD3Config(OffPolicyConfig):
     exploration_noise: float = 0.1  # std of the Gaussian exploration noise
     policy_frequency: int = Field(2, ge=1)  # actor and target updates every d critic steps
     activation: str = "relu"  # hidden activation
+    bc_alpha: float | None = None  # TD3+BC's alpha (None = plain TD3): see offpolicy.control.td3_bc
 
 
 def td3_target(q_next: torch.Tensor, rew: torch.Tensor, discount: torch.Tensor) -> torch.Tensor:
     """y = r + discount * min_i Q'_i(s', a').  q_next: (n, B)."""
     return rew + discount * q_next.min(0).values
+
+
+def td3_actor_loss(q1: torch.Tensor, pi: torch.Tensor, act: torch.Tensor, bc_alpha: float | None) -> torch.Tensor:
+    """-mean Q_1(s, mu(s)); with ``bc_alpha`` (TD3+BC): -alpha/mean|Q_1| * mean Q_1 + mean (mu(s) - a)^2."""
+    if bc_alpha is None:
+        return -q1.mean()
+    return -(bc_alpha / q1.abs().mean().detach()) * q1.mean() + (pi - act).pow(2).mean()
 
 
 def smoothed_action(mu_next: torch.Tensor, noise_std: float, noise_clip: float) -> torch.Tensor:
@@ -88,7 +96,9 @@ class TD3:
         out = {"losses/qf_loss": qf_loss.detach(), "losses/qf_values": q.detach().mean()}
         if step % hp.policy_frequency == 0:
             with frozen(critic):
-                actor_loss = -critic(b["obs"], actor(b["obs"]))[0].mean()  # Q_1 only
+                pi = actor(b["obs"])
+                q1 = critic(b["obs"], pi)[0].squeeze(-1)  # Q_1 only
+                actor_loss = td3_actor_loss(q1, pi, b["act"], hp.bc_alpha)
                 self.opts["actor"].zero_grad(set_to_none=True)
                 actor_loss.backward()
             self.opts["actor"].step()
