@@ -4,6 +4,11 @@ Short version (what fits a few minutes on the 2-core machine; writes benchmarks/
 
     PYTHONPATH=src python benchmarks/bench_control.py --short
 
+DSAC-T's robustness to reward scale (ours only; rewards x 0.01 / 0.1 / 1 / 10 before the learner, returns
+measured on the raw reward; writes benchmarks/results/control_reward_scale.json):
+
+    PYTHONPATH=src python benchmarks/bench_control.py --short --reward-scales 0.01 0.1 1 10 --algos sac dsac_t --seeds 0
+
 Longer:  ... --env Pendulum-v1 --steps 20000 --seeds 0 1 2 --hidden 256 256
          ... --env HalfCheetah-v5 --steps 100000 --learning-starts 5000 --lr 3e-4 --hidden 256 256  (needs mujoco)
 
@@ -35,7 +40,7 @@ from offpolicy.control.envs import evaluate  # noqa: E402
 from offpolicy.control.loop import train  # noqa: E402
 
 
-def run_ours(algo: str, a, seed: int, out: Path) -> dict:
+def run_ours(algo: str, a, seed: int, out: Path, reward_scale: float = 1.0) -> dict:
     lr = [f"hp.actor_lr={a.lr}", f"hp.critic_lr={a.lr}"] + ([f"hp.alpha_lr={a.lr}"] if algo != "td3" else [])
     extra = {"dsac_t": ["hp.activation=relu", "hp.alpha_init=1.0"],
              "flashsac": [f"hp.actor_hidden={a.hidden[0]}", f"hp.critic_hidden={a.hidden[0]}", "hp.actor_blocks=1",
@@ -45,7 +50,7 @@ def run_ours(algo: str, a, seed: int, out: Path) -> dict:
     else:
         a_hidden = [f"hp.hidden={a.hidden}"]
     cfg = load_control_config(None, [
-        f"algo={algo}", f"env.id={a.env}", f"run.total_steps={a.steps}", f"run.seed={seed}", "run.progress=false",
+        f"algo={algo}", f"env.id={a.env}", f"env.reward_scale={reward_scale}", f"run.total_steps={a.steps}", f"run.seed={seed}", "run.progress=false",
         f"run.out_dir={out}", "run.log_every=100000", *a_hidden, f"hp.learning_starts={a.learning_starts}",
         f"hp.buffer_size={a.steps}", "hp.batch_size=256", *lr, *extra])
     from offpolicy.control.cli import load_agent
@@ -95,11 +100,16 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--algos", nargs="+", default=["sac", "td3", "dsac_t", "flashsac"])
     p.add_argument("--out", default=str(RESULTS / "control.json"))
+    p.add_argument("--reward-scales", type=float, nargs="+", default=None,
+                   help="sweep env.reward_scale for our algorithms instead of the SB3 comparison")
     a = p.parse_args()
     if a.short:
         a.env, a.steps, a.hidden = "Pendulum-v1", 5000, [64, 64]
     a.hidden = list(a.hidden)
     torch.set_num_threads(1)
+    if a.reward_scales:
+        reward_scale_sweep(a)
+        return
     rows, work = [], Path("runs/bench_control")
     for seed in a.seeds:
         for algo in a.algos:
@@ -137,6 +147,28 @@ def main() -> None:
     for algo in ("sac", "td3"):
         if f"{algo}_speed_ratio_vs_sb3" in result:
             print(f"{algo}_speed_ratio_vs_sb3 = {result[f'{algo}_speed_ratio_vs_sb3']}")
+
+
+def reward_scale_sweep(a) -> None:
+    rows = []
+    for seed in a.seeds:
+        for scale in a.reward_scales:
+            for algo in a.algos:
+                r = run_ours(algo, a, seed, Path("runs/bench_control") / f"{algo}_scale{scale}_{seed}", scale)
+                row = {"env": a.env, "algo": algo, "seed": seed, "steps": a.steps, "reward_scale": scale,
+                       "final_return": round(r["final_return"], 2)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    out = Path(a.out).with_name("control_reward_scale.json") if a.out == str(RESULTS / "control.json") else Path(a.out)
+    out.write_text(json.dumps({"benchmark": "control_reward_scale", "short": a.short, "machine": machine(),
+                               "settings": {"env": a.env, "steps": a.steps, "lr": a.lr, "hidden": a.hidden,
+                                            "learning_starts": a.learning_starts, "seeds": a.seeds},
+                               "rows": rows}, indent=1))
+    print("| reward scale | " + " | ".join(a.algos) + " |\n|---|" + "---|" * len(a.algos))
+    for scale in a.reward_scales:
+        cells = [statistics.fmean(r["final_return"] for r in rows if r["algo"] == al and r["reward_scale"] == scale)
+                 for al in a.algos]
+        print(f"| {scale} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":

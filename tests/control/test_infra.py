@@ -108,3 +108,11 @@ def test_cli_train_then_eval(tmp_path, tiny):
     assert '"algo": "sac"' in r.output and '"return_mean"' in r.output
     r = runner.invoke(app, ["train", "recipes/control/sac_pendulum.yaml", "hp.gama=1"])
     assert r.exit_code == 2 and "hp.gama: unknown key" in r.output
+
+
+def test_the_lm_package_does_not_import_control():
+    import subprocess
+    import sys
+
+    code = "import sys, offpolicy.cli, offpolicy.config; assert 'offpolicy.control' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
