@@ -116,3 +116,13 @@ def test_the_lm_package_does_not_import_control():
 
     code = "import sys, offpolicy.cli, offpolicy.config; assert 'offpolicy.control' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("algo", ["sac", "ppo"])
+def test_vectorised_envs_run(tmp_path, tiny, algo):
+    from offpolicy.control.loop import train
+
+    extra = ["hp.num_steps=16", "hp.num_minibatches=2", "hp.update_epochs=1", "hp.hidden=[8]"] if algo == "ppo" else tiny
+    s = train(load_control_config(None, [*extra, f"algo={algo}", "env.num_envs=2", "run.total_steps=64",
+                                         "run.progress=false", "env.max_episode_steps=10", f"run.out_dir={tmp_path}"]))
+    assert s["steps"] == 64 and s["last_episodic_return"] is not None
