@@ -9,6 +9,11 @@ measured on the raw reward; writes benchmarks/results/control_reward_scale.json)
 
     PYTHONPATH=src python benchmarks/bench_control.py --short --reward-scales 0.01 0.1 1 10 --algos sac dsac_t --seeds 0
 
+PPO vs SB3 PPO (speed; 3 iterations of 2048 steps, SB3's defaults on both sides, 2 x 64 tanh):
+
+    PYTHONPATH=src python benchmarks/bench_control.py --algos ppo --steps 6144 --hidden 64 64 --seeds 0 1 2 \
+        --out benchmarks/results/control_ppo.json
+
 Longer:  ... --env Pendulum-v1 --steps 20000 --seeds 0 1 2 --hidden 256 256
          ... --env HalfCheetah-v5 --steps 100000 --learning-starts 5000 --lr 3e-4 --hidden 256 256  (needs mujoco)
 
@@ -40,19 +45,26 @@ from offpolicy.control.envs import evaluate  # noqa: E402
 from offpolicy.control.loop import train  # noqa: E402
 
 
-def run_ours(algo: str, a, seed: int, out: Path, reward_scale: float = 1.0) -> dict:
+def off_policy_overrides(algo: str, a) -> list[str]:
     lr = [f"hp.actor_lr={a.lr}", f"hp.critic_lr={a.lr}"] + ([f"hp.alpha_lr={a.lr}"] if algo != "td3" else [])
+    hidden = [f"hp.hidden={a.hidden}"]
     extra = {"dsac_t": ["hp.activation=relu", "hp.alpha_init=1.0"],
              "flashsac": [f"hp.actor_hidden={a.hidden[0]}", f"hp.critic_hidden={a.hidden[0]}", "hp.actor_blocks=1",
                           "hp.critic_blocks=1"]}.get(algo, [])
     if algo == "flashsac":  # one lr for all three optimizers; its own block architecture at the same width
-        lr, a_hidden = [f"hp.lr={a.lr}"], []
+        lr, hidden = [f"hp.lr={a.lr}"], []
+    return [*hidden, *lr, *extra, f"hp.learning_starts={a.learning_starts}", f"hp.buffer_size={a.steps}",
+            "hp.batch_size=256"]
+
+
+def run_ours(algo: str, a, seed: int, out: Path, reward_scale: float = 1.0) -> dict:
+    common = [f"algo={algo}", f"env.id={a.env}", f"env.reward_scale={reward_scale}", f"run.total_steps={a.steps}",
+              f"run.seed={seed}", "run.progress=false", f"run.out_dir={out}", "run.log_every=100000"]
+    if algo == "ppo":  # SB3 PPO's defaults: constant lr, no value clipping, no obs / reward normalisation
+        cfg = load_control_config(None, [*common, "hp.anneal_lr=false", "hp.clip_vloss=false", "hp.norm_obs=false",
+                                         "hp.norm_reward=false", f"hp.hidden={a.hidden}"])
     else:
-        a_hidden = [f"hp.hidden={a.hidden}"]
-    cfg = load_control_config(None, [
-        f"algo={algo}", f"env.id={a.env}", f"env.reward_scale={reward_scale}", f"run.total_steps={a.steps}", f"run.seed={seed}", "run.progress=false",
-        f"run.out_dir={out}", "run.log_every=100000", *a_hidden, f"hp.learning_starts={a.learning_starts}",
-        f"hp.buffer_size={a.steps}", "hp.batch_size=256", *lr, *extra])
+        cfg = load_control_config(None, [*common, *off_policy_overrides(algo, a)])
     from offpolicy.control.cli import load_agent
 
     t0 = time.perf_counter()
@@ -66,14 +78,18 @@ def run_ours(algo: str, a, seed: int, out: Path, reward_scale: float = 1.0) -> d
 def run_sb3(algo: str, a, seed: int) -> dict:
     import gymnasium as gym
     import numpy as np
-    from stable_baselines3 import SAC, TD3
+    from stable_baselines3 import PPO, SAC, TD3
     from stable_baselines3.common.noise import NormalActionNoise
 
     env = gym.make(a.env)
     kw = dict(learning_rate=a.lr, buffer_size=a.steps, learning_starts=a.learning_starts, batch_size=256, tau=0.005,
               gamma=0.99, train_freq=1, gradient_steps=1, policy_kwargs={"net_arch": a.hidden}, seed=seed, verbose=0,
               device="cpu")
-    if algo == "sac":
+    if algo == "ppo":
+        model = PPO("MlpPolicy", env, n_steps=2048, batch_size=64, n_epochs=10, learning_rate=3e-4, gamma=0.99,
+                    gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, seed=seed,
+                    policy_kwargs={"net_arch": a.hidden}, verbose=0, device="cpu")
+    elif algo == "sac":
         model = SAC("MlpPolicy", env, **kw)
     else:
         d = env.action_space.shape[0]
@@ -113,7 +129,7 @@ def main() -> None:
     rows, work = [], Path("runs/bench_control")
     for seed in a.seeds:
         for algo in a.algos:
-            for lib in (["ours", "sb3"] if algo in ("sac", "td3") else ["ours"]):
+            for lib in (["ours", "sb3"] if algo in ("sac", "td3", "ppo") else ["ours"]):
                 r = (run_ours(algo, a, seed, work / f"{algo}_{a.env}_{seed}") if lib == "ours"
                      else run_sb3(algo, a, seed))
                 row = {"env": a.env, "algo": algo if lib == "ours" else f"sb3_{algo}", "seed": seed, "steps": a.steps,
@@ -130,7 +146,7 @@ def main() -> None:
               "settings": {"env": a.env, "steps": a.steps, "learning_starts": a.learning_starts, "lr": a.lr,
                            "hidden": a.hidden, "batch_size": 256, "seeds": a.seeds, "updates_per_step": 1,
                            "eval_episodes": 10}, "rows": rows}
-    for algo in ("sac", "td3"):
+    for algo in ("sac", "td3", "ppo"):
         if per_1k(algo) and per_1k(f"sb3_{algo}"):
             result[f"{algo}_speed_ratio_vs_sb3"] = round(per_1k(f"sb3_{algo}") / per_1k(algo), 3)
     summary = {}
@@ -144,7 +160,7 @@ def main() -> None:
     print("| algo | return (mean ± std over seeds) | s / 1k env steps |\n|---|---|---|")
     for name, s in summary.items():
         print(f"| {name} | {s['return_mean']} ± {s['return_std']} | {s['seconds_per_1k_steps']} |")
-    for algo in ("sac", "td3"):
+    for algo in ("sac", "td3", "ppo"):
         if f"{algo}_speed_ratio_vs_sb3" in result:
             print(f"{algo}_speed_ratio_vs_sb3 = {result[f'{algo}_speed_ratio_vs_sb3']}")
 
