@@ -1,4 +1,4 @@
-"""``offpolicy train | eval | ope | algorithms | compare | rollouts`` — the command line.
+"""``offpolicy train | eval | ope | algorithms | compare | rollouts | control`` — the command line.
 
 Bad input (a wrong recipe key, a missing file, a malformed dataset row, an
 unknown task, an incompatible checkpoint) ends with one clear message and exit
@@ -196,6 +196,17 @@ def compare(
 rollouts = typer.Typer(no_args_is_help=True, help="Move and look at experience logs (.jsonl or .parquet; "
                        "schema in docs/experiences.md).")
 app.add_typer(rollouts, name="rollouts")
+
+
+def _control_app() -> typer.Typer:
+    """``offpolicy control ...``: classic off-policy control (SAC, TD3, DSAC-T, ...); gymnasium loads lazily."""
+    from offpolicy.control.cli import app as control_app
+
+    return control_app
+
+
+app.add_typer(_control_app(), name="control", help="Off-policy control on gymnasium environments "
+              "(extra: control): train | eval | collect.")
 
 
 def _log_path(src: Path) -> Path:

@@ -1,0 +1,69 @@
+"""TD3+BC: the offline baseline — TD3 with a behaviour-cloning term, trained on a fixed dataset.
+
+Paper: Fujimoto & Gu, "A Minimalist Approach to Offline Reinforcement Learning", arXiv:2106.06860.
+
+Delta from SAC: everything TD3 changes (see ``td3``), plus: no environment interaction (transitions come
+from a dataset written by ``offpolicy control collect``; ``run.total_steps`` counts gradient steps);
+observations are normalised by the dataset's mean and std; the actor's loss adds behaviour cloning and
+rescales the Q term by the batch's mean |Q|:
+
+    L_mu = -lambda mean_B Q_1(s, mu(s)) + mean_B (mu(s) - a)^2,     lambda = alpha / mean_B |Q_1(s, mu(s))|
+
+Defaults (paper): alpha 2.5; TD3's (lr 3e-4, batch 256, 2 x 256, policy noise 0.2 clipped at 0.5, delay 2,
+tau 0.005, gamma 0.99); 1M gradient steps in the paper (recipes use fewer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offpolicy.control.td3 import TD3, TD3Config
+
+
+class TD3BCConfig(TD3Config):
+    dataset: str = ""  # JSON-lines dataset (offpolicy control collect)
+    bc_alpha: float | None = 2.5  # alpha: weight of the RL term relative to behaviour cloning
+    learning_starts: int = 0  # unused offline
+    normalize_obs: bool = True  # normalise observations by the dataset's statistics
+
+
+class TD3BC:
+    """TD3 with the BC actor loss, and observations normalised inside ``act`` and ``update``."""
+
+    Config = TD3BCConfig
+
+    def __init__(self, obs_dim: int, act_dim: int, hp: TD3BCConfig) -> None:
+        self.hp, self.td3 = hp, TD3(obs_dim, act_dim, hp)
+        self.nets, self.opts = self.td3.nets, self.td3.opts
+        self.nets["obs_norm"] = _Norm(obs_dim)
+
+    @staticmethod
+    def train(cfg):
+        from offpolicy.control.offline import train_offline
+
+        return train_offline(cfg)
+
+    def set_obs_stats(self, obs: torch.Tensor) -> None:
+        if self.hp.normalize_obs:
+            self.nets["obs_norm"].mean.copy_(obs.mean(0))
+            self.nets["obs_norm"].std.copy_(obs.std(0) + 1e-3)
+
+    def _norm(self, obs: torch.Tensor) -> torch.Tensor:
+        n = self.nets["obs_norm"]
+        return (obs - n.mean) / n.std
+
+    def observe(self, reward, terminated, truncated) -> None:
+        """Per-step hook (offline-to-online fine-tuning would call it; unused)."""
+
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        return self.td3.act(self._norm(obs), deterministic)
+
+    def update(self, b: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        return self.td3.update({**b, "obs": self._norm(b["obs"]), "next_obs": self._norm(b["next_obs"])}, step)
+
+
+class _Norm(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("std", torch.ones(d))
