@@ -92,6 +92,76 @@ def optimizer_step(policy: Policy, loss: torch.Tensor, opt, sched, grad_clip: fl
     return norm.detach()
 
 
+class TrainingDiverged(ValueError):
+    """Too many consecutive updates were non-finite, or a parameter became non-finite: the run stops.
+
+    A ``ValueError`` so the CLI prints one ``error:`` line (exit 2); nothing poisoned was saved."""
+
+
+class NonFiniteGuard:
+    """Keeps non-finite numbers out of the weights: checks one update's loss and gradient norm before the
+    optimizer step, and the parameters after it.
+
+    - loss or gradient norm non-finite -> the step is skipped (gradients dropped; weights, optimizer
+      state and schedule untouched) and counted by the offending metric. With clipping off, a gradient
+      norm above ``sqrt(finfo.max)`` counts as non-finite too: its square overflows Adam's second moment
+      to inf, after which that parameter silently never moves again. With clipping on, an inf norm would
+      make ``clip_grad_norm_`` scale every gradient by 0 (or NaN): skipped, not silently zeroed.
+    - a parameter non-finite *after* the step cannot be undone without a copy of every weight each step
+      (1x the model's memory): with finite, square-safe gradients AdamW's step is bounded by about
+      ``lr`` per element, so only an lr (or lr × weight decay) big enough to overflow gets there, and
+      then no later step can recover: the run stops at once (:class:`TrainingDiverged`).
+    - ``max_skipped`` consecutive skips stop the run, naming the metric.
+
+    One host sync per update (the decision must be known before ``opt.step()``).
+    """
+
+    KINDS = ("loss", "grad", "param")
+
+    def __init__(self, max_skipped: int) -> None:
+        self.max_skipped = max_skipped
+        self.skipped = dict.fromkeys(self.KINDS, 0)  # cumulative, per offending metric
+        self.consecutive = 0
+
+    @staticmethod
+    def check_update(loss: torch.Tensor, norm: torch.Tensor, clip: float) -> str | None:
+        """``"loss"`` / ``"grad"`` if that one is non-finite (grad: or its square overflows, clipping off)."""
+        limit = math.sqrt(torch.finfo(norm.dtype).max) if clip <= 0 else math.inf
+        loss_ok, grad_ok = torch.stack([loss.detach().isfinite().all(), norm.isfinite() & (norm < limit)]).tolist()
+        return None if loss_ok and grad_ok else ("loss" if not loss_ok else "grad")
+
+    @staticmethod
+    def params_finite(params: list[torch.Tensor]) -> bool:
+        """All parameters finite (one fused norm; a norm that overflows means weights past ~1e19: lost too)."""
+        return bool(torch.nn.utils.get_total_norm([p.detach() for p in params]).isfinite())
+
+    def record(self, bad: str | None) -> None:
+        """Count the update; stop the run after ``max_skipped`` consecutive skips."""
+        if bad is None:
+            self.consecutive = 0
+            return
+        self.skipped[bad] += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_skipped:
+            raise TrainingDiverged(f"rl.max_skipped_steps={self.max_skipped}: {self.consecutive} consecutive updates "
+                                   f"skipped, the last for a non-finite {bad} ({self.describe()})")
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in self.skipped.items() if v) or "none"
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        out = {f"train/skipped_nonfinite_{k}": torch.tensor(float(v)) for k, v in self.skipped.items()}
+        out["train/skipped_steps"] = torch.tensor(float(sum(self.skipped.values())))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"skipped": dict(self.skipped), "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped.update(state["skipped"])
+        self.consecutive = state["consecutive"]
+
+
 def has_active_dropout(model: torch.nn.Module) -> bool:
     """True if a forward pass is random (a dropout layer with p > 0 in training mode)."""
     return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training
@@ -220,7 +290,8 @@ class Learner:
         reads_every_row = self.kl_fn is not None or self.ref_policy is not None or self.corr_fn is not None
         self.zero_rows = None if reads_every_row or not cfg.skip_zero_rows else getattr(self.loss_fn, "zero_rows", None)
         self.opt, self.sched = make_optimizer(policy.parameters(), cfg.optim, total_updates)
-        self.version = 0  # policy version = optimizer steps taken in this stage
+        self.version = 0  # policy version = updates taken in this stage (a skipped one keeps the weights)
+        self.guard = NonFiniteGuard(cfg.max_skipped_steps)
         self.drop_gen = torch.Generator().manual_seed(seed)  # RED-Drop's randomness (checkpointed)
 
     def _old_logp_source(self, provides: set[str]) -> str | None:
@@ -257,10 +328,11 @@ class Learner:
         loss_tok = self._add_kl(batch, loss_tok, logp, ref_logp, prev_logp, ov, metrics)
         loss = self.agg_fn(loss_tok, batch.mask, max_len=self.max_len)
         metrics.update(self._diagnostics(batch, logp, entropy, advantages, rows))
-        grad_norm = self._step(loss, backward, metrics)
-        self.version += 1
-        for c in self.controllers.values():
+        grad_norm, skipped = self._step(loss, backward, metrics)
+        self.version += 1  # a skipped update keeps its number: the loops' schedules count updates
+        for c in self.controllers.values() if not skipped else ():  # NaN metrics must not steer a controller
             metrics.update(c.after_update(metrics))
+        metrics.update(self.guard.metrics())
         metrics.update({"loss/policy": loss.detach(), "loss/grad_norm": grad_norm,
                         "optim/lr": torch.tensor(self.sched.get_last_lr()[0])})
         return metrics
@@ -403,19 +475,31 @@ class Learner:
         full[keep] = adv
         return full
 
-    def _step(self, loss: torch.Tensor, backward: Callable, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Backward (whole batch or accumulated micro-batches), clip, one optimizer step (lr × a controller's
-        ``lr_scale``), one scheduler step."""
+    def _step(self, loss: torch.Tensor, backward: Callable,
+              metrics: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """Backward (whole batch or accumulated micro-batches), the finite check, clip, one optimizer step
+        (lr × a controller's ``lr_scale``), one scheduler step. A non-finite loss or gradient skips the
+        step (see :class:`NonFiniteGuard`); returns the gradient norm and whether the step was skipped."""
         ov = merge_overrides([c.before_step(metrics) for c in self.controllers.values()])
         self.opt.zero_grad(set_to_none=True)
         backward(loss)
         params = [p for p in self.policy.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        with scaled_lr(self.opt, ov.get("lr_scale", 1.0)):
-            self.opt.step()
-        self.sched.step()
-        return norm.detach()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # grads untouched
+        bad = self.guard.check_update(loss, norm, clip)
+        if bad is None:
+            if clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+            with scaled_lr(self.opt, ov.get("lr_scale", 1.0)):
+                self.opt.step()
+            if not self.guard.params_finite(params):
+                raise TrainingDiverged(f"a parameter became non-finite after optimizer step {self.version + 1} with "
+                                       f"finite gradients: rl.optim.lr={self.cfg.optim.lr} (× weight_decay="
+                                       f"{self.cfg.optim.weight_decay}) overflows the weights")
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)  # a skipped step's gradients never reach a later one
+        self.guard.record(bad)
+        return norm.detach(), bad is not None
 
     def end_rollout_step(self) -> None:
         """Once per rollout step: controllers advance (MDPO's iteration, ReMix's pi_{k-1} and reincarnation)."""
@@ -462,7 +546,7 @@ class Learner:
     # ---- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "version": self.version,
-                "drop_gen": self.drop_gen.get_state(),
+                "drop_gen": self.drop_gen.get_state(), "guard": self.guard.state_dict(),
                 "controllers": {name: c.state_dict() for name, c in self.controllers.items()},
                 # anchors are part of the run's state: a resumed run keeps its reference, not a new one
                 "ref_model": self.ref_policy.model.state_dict() if self.ref_policy is not None else None,
@@ -474,6 +558,8 @@ class Learner:
         self.version = state["version"]
         if "drop_gen" in state:
             self.drop_gen.set_state(state["drop_gen"])
+        if "guard" in state:  # checkpoints written before the guard existed have none
+            self.guard.load_state_dict(state["guard"])
         for name, c in self.controllers.items():
             c.load_state_dict(state.get("controllers", {})[name])
         for anchor, key in ((self.ref_policy, "ref_model"), (self.prev_policy, "prev_model")):
