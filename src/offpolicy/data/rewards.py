@@ -33,6 +33,7 @@ Where timed calls run (``isolation``, ``task.reward_isolation``):
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import math
 import multiprocessing
@@ -138,6 +139,50 @@ def format_(completion: str, answer: str, *, pattern: str = r"<answer>.*?</answe
     """1.0 iff ``pattern`` matches the completion (``re.search``, or ``re.fullmatch``; DOTALL). Ignores ``answer``."""
     match = re.fullmatch if fullmatch else re.search
     return 1.0 if match(pattern, completion, re.DOTALL) else 0.0
+
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_program(completion: str) -> str:
+    """The program in a completion: its last fenced code block if it has one, else :func:`extract_answer`."""
+    blocks = _FENCE.findall(completion)
+    return blocks[-1] if blocks else extract_answer(completion)
+
+
+def code_tests(answer: str) -> list[tuple[str, str]]:
+    """``[(stdin, expected stdout)]`` from a ``code`` reference: a JSON list of ``{"stdin", "stdout"}``
+    objects, or any other text = the expected stdout of a run with empty stdin."""
+    text = answer.strip()
+    if text.startswith("["):
+        try:
+            cases = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"code verifier: reference answer looks like a JSON test list but is not: {e}") from None
+        if not cases or not all(isinstance(c, dict) and isinstance(c.get("stdout"), str) for c in cases):
+            raise ValueError('code verifier: a JSON reference must be a non-empty list of {"stdin", "stdout"} objects')
+        return [(c.get("stdin", ""), c["stdout"]) for c in cases]
+    return [("", answer)]
+
+
+@VERIFIERS.register("code")
+def code(completion: str, answer: str, *, cpu_s: int = 2, wall_s: float = 5.0, memory_mb: int = 256,
+         file_mb: int = 1, nofile: int = 32, nproc: int = 16) -> float:
+    """The fraction of test cases (see :func:`code_tests`) whose stdout the completion's Python program
+    reproduces (compared with surrounding whitespace stripped), each run in a fresh sandbox
+    (``data/sandbox.py``: no network, read-only filesystem but its temp folder, an unprivileged user,
+    CPU / memory / file-size / open-file / process limits). A program that crashes, overruns or is killed
+    scores 0 on that case. A machine that cannot sandbox raises (fails closed): nothing runs unsandboxed.
+    """
+    from offpolicy.data.sandbox import Limits, run_sandboxed  # lazy: only code tasks need it
+
+    limits = Limits(cpu_s=cpu_s, wall_s=wall_s, memory_mb=memory_mb, file_mb=file_mb, nofile=nofile, nproc=nproc)
+    program, cases = extract_program(completion), code_tests(answer)
+    passed = 0
+    for stdin, expected in cases:
+        result = run_sandboxed(program, stdin, limits)
+        passed += result.ok and result.stdout.strip() == expected.strip()
+    return passed / len(cases)
 
 
 # ------------------------------------------------------------ reward functions
