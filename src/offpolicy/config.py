@@ -18,6 +18,12 @@ class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the key."""
 
 
+class TrainingDiverged(ValueError):
+    """The numbers of a run stopped being usable (too many non-finite updates, non-finite weights or
+    sampling probabilities): the run stops with one ``error:`` line (a ``ValueError``, exit 2); nothing
+    non-finite was saved."""
+
+
 class _YAMLLoader(yaml.SafeLoader):
     """Safe YAML, except that ``3e-4`` is a float: YAML 1.1 wants a dot (``3.0e-4``) and reads it as a string."""
 

@@ -177,6 +177,14 @@ def checkpoint(run: Run, stage_state: dict | None, name: str | None = None) -> P
     return save_checkpoint(run.out / "checkpoints", name, run.policy, state, keep=run.cfg.run.keep_checkpoints)
 
 
+def stopped(run: Run, err: TrainingDiverged) -> TrainingDiverged:
+    """``err`` with where the run stopped and which checkpoint it leaves as ``latest`` (none is ever
+    written from a non-finite state)."""
+    ckpt = latest_checkpoint(run.out / "checkpoints", warn=lambda _: None)
+    keeps = f"the last good checkpoint {ckpt} stays latest" if ckpt else "no checkpoint was written"
+    return TrainingDiverged(f"{err}. Stopped in {run.state['stage']} step {run.state['step'] + 1}; {keeps}")
+
+
 def current_rss_mb() -> float:
     """Resident memory now (Linux /proc; 0.0 elsewhere)."""
     try:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from offpolicy.config import ConfigError, OptimConfig, RLConfig
+from offpolicy.config import ConfigError, OptimConfig, RLConfig, TrainingDiverged  # noqa: F401 (re-exported)
 from offpolicy.data.buffer import ReplayBuffer
 from offpolicy.experience import Batch
 from offpolicy.objectives import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
@@ -90,12 +90,6 @@ def optimizer_step(policy: Policy, loss: torch.Tensor, opt, sched, grad_clip: fl
     opt.step()
     sched.step()
     return norm.detach()
-
-
-class TrainingDiverged(ValueError):
-    """Too many consecutive updates were non-finite, or a parameter became non-finite: the run stops.
-
-    A ``ValueError`` so the CLI prints one ``error:`` line (exit 2); nothing poisoned was saved."""
 
 
 class NonFiniteGuard:

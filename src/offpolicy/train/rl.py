@@ -25,8 +25,7 @@ from offpolicy.rollout.engines import SamplingParams
 from offpolicy.rollout.workflows import RolloutStats
 from offpolicy.train import context
 from offpolicy.train.context import Run, current_rss_mb
-from offpolicy.train.checkpoint import latest_checkpoint
-from offpolicy.train.learner import Learner, TrainingDiverged
+from offpolicy.train.learner import Learner
 
 
 @dataclass
@@ -131,10 +130,7 @@ def learn(run: Run, parts: RLParts,
             break
         batch = collate([e for g in chosen for e in g.experiences], run.tokenizer.pad_id)
         count_staleness(parts.staleness, batch.versions, batch.mask, learner.version, rl.buffer.max_staleness)
-        try:
-            per_update.append(learner.update(batch))
-        except TrainingDiverged as e:  # nothing poisoned was saved: say what the user keeps
-            raise TrainingDiverged(f"{e}. Stopped at RL step {run.state['step'] + 1}; {last_good(run)}") from None
+        per_update.append(learner.update(batch))
         if parts.snapshots is not None:
             parts.snapshots.record(learner.version, run.policy)
         if after_update is not None:
@@ -142,12 +138,6 @@ def learn(run: Run, parts: RLParts,
     learner.end_rollout_step()
     buffer.sampling_params.update(learner.sampler_params())  # a controller may drive the data mix (ReMix)
     return per_update
-
-
-def last_good(run: Run) -> str:
-    """Which checkpoint a stopped run leaves as ``latest`` (none is written from a poisoned state)."""
-    ckpt = latest_checkpoint(run.out / "checkpoints", warn=lambda _: None)
-    return f"the last good checkpoint {ckpt} stays latest" if ckpt else "no checkpoint was written"
 
 
 def count_staleness(hist: Counter, versions: torch.Tensor, mask: torch.Tensor, version: int,
