@@ -70,7 +70,10 @@ def rl_rows(out: Path) -> list[dict]:
     return [r for r in read_metrics(out / "metrics.jsonl") if r.get("stage") == "rl" and "train/version" in r]
 
 
-@pytest.mark.parametrize("name", sorted(POISONS))
+SLOW = {"kl_coef_1e30"}  # a reference model and skipped updates: ~5 s
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(POISONS)])
 def test_poison_is_stopped(name, tmp_path, tiny_config, poison_reward):
     out = tmp_path / name
     cfg = tiny_config(out, *BASE, *POISONS[name])
@@ -125,3 +128,37 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, tiny_overrides, poison_reward
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error: rl.max_skipped_steps=1") and "Traceback" not in result.output
+
+
+HANGING_REWARD = '''
+def sometimes_hangs(prompt, completion, answer):
+    if completion.startswith("+"):  # some of the policy's calls never return, burning CPU (reference answers do not)
+        while True:
+            pass
+    return sum(c.isdigit() for c in completion) / max(1, len(completion))
+'''
+
+
+@pytest.mark.slow  # ~5-10 s: a fork per reward worker per batch, and the killed calls' timeouts
+def test_hanging_reward_in_a_process_is_killed(tmp_path, tiny_config, monkeypatch):
+    """``task.reward_isolation=process``: a reward that never returns is killed at ``task.reward_timeout_s``
+    in training and in evaluation; the run finishes, the timeouts are counted, nothing is left running."""
+    import os
+
+    import psutil
+
+    mod = tmp_path / "hang_mod"
+    mod.mkdir()
+    (mod / "offpolicy_hanging_reward.py").write_text(HANGING_REWARD)
+    monkeypatch.syspath_prepend(str(mod))
+    out = tmp_path / "run"
+    cfg = tiny_config(out, "rl.steps=2", "task.reward=offpolicy_hanging_reward:sometimes_hangs",
+                      "task.reward_timeout_s=0.2", "task.reward_isolation=process", "eval.samples=1",
+                      "rl.drop_uninformative_groups=false")
+    train(cfg)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert sum(r["reward/errors"] for r in rows if "reward/errors" in r) > 0
+    assert sum(r["eval/reward_errors"] for r in rows if "eval/reward_errors" in r) > 0
+    alive = [p for p in psutil.Process(os.getpid()).children(recursive=True)
+             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"reward processes left running: {alive}"
