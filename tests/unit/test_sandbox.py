@@ -128,3 +128,15 @@ def test_environment_is_scrubbed(monkeypatch, host_unaffected):
     monkeypatch.setenv("OFFPOLICY_SECRET", "hunter2")
     r = run_sandboxed("import os\nprint(sorted(os.environ), os.getuid())", limits=Limits(**FAST))
     assert "OFFPOLICY_SECRET" not in r.stdout and r.stdout.strip().endswith("65534")
+
+
+@needs_sandbox
+def test_a_killed_reward_process_takes_its_sandbox_with_it(host_unaffected):
+    """Process isolation kills a reward worker on timeout; the sandbox it started must not outlive it."""
+    from offpolicy.data.rewards import score_batch
+    from offpolicy.data.tasks import Problem
+
+    sleeper = "```python\nimport time\ntime.sleep(60)\n```"
+    code = lambda problem, completion: VERIFIERS["code"](completion, "42", wall_s=30)  # noqa: E731
+    r = score_batch(code, [Problem(id="p", prompt="", answer="42")], [sleeper], timeout_s=0.5, isolation="process")
+    assert r.n_timeouts == 1

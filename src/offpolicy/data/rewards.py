@@ -24,7 +24,7 @@ Where timed calls run (``isolation``, ``task.reward_isolation``):
   are interrupted fine.
 - ``"process"``: forked worker processes, each the leader of its own process
   group; a call that overruns is stopped with SIGKILL to that group (the reward
-  and anything it started), and a fresh worker replaces it. Nothing outlives the
+  and anything it started; a code sandbox dies with it), and a fresh worker replaces it. Nothing outlives the
   batch. Costs a fork per worker per batch (~ms) and a pickled result per call;
   the reward runs in a copy of this process (fork), so it must not use torch's
   thread pools there. Use it for rewards that are untrusted or may hang.

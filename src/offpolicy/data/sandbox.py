@@ -29,12 +29,13 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 TOOLS = ("unshare", "setpriv", "prlimit", "mount")
 SANDBOX_USER = "nobody"
@@ -121,35 +122,46 @@ def run_sandboxed(source: str, stdin: str = "", limits: Limits = Limits(), pytho
                "CPU": str(limits.cpu_s), "AS": str(limits.memory_mb << 20), "FSIZE": str(limits.file_mb << 20),
                "NOFILE": str(limits.nofile), "NPROC": str(limits.nproc),
                "SUID": str(user.pw_uid), "SGID": str(user.pw_gid)}
-        cmd = [tools["unshare"], "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
+        # setpriv --pdeathsig: unshare dies with whatever started it (a killed reward process, a killed
+        # trainer); unshare --kill-child then kills the sandbox's PID 1, and with it the whole namespace
+        cmd = [tools["setpriv"], "--pdeathsig", "KILL", "--",
+               tools["unshare"], "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
                "/bin/sh", "-c", _SETUP, "sandbox", python or default_python(), "-I", "-B", "main.py"]
         return _run(cmd, env, stdin, Path(root), limits.wall_s, max_output)
 
 
 def _run(cmd: list[str], env: dict[str, str], stdin: str, root: Path, wall_s: float,
          max_output: int) -> SandboxResult:
-    """Start the sandbox, wait at most ``wall_s``, then kill its whole process group (and so, through
-    ``--kill-child``, its PID namespace). Output goes to files (capped by RLIMIT_FSIZE), not pipes, so a
-    program that prints forever cannot fill this process's memory."""
+    """Start the sandbox, wait at most ``wall_s``, then kill ``unshare`` (and so, through ``--kill-child``,
+    the sandbox's PID namespace: every process in it). Output goes to files (capped by RLIMIT_FSIZE), not
+    pipes, so a program that prints forever cannot fill this process's memory."""
     with open(root / "stdout", "w+b") as out, open(root / "stderr", "w+b") as err:
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=root,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=root)
         timed_out = False
         try:
             proc.communicate(stdin.encode(), timeout=wall_s)
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            _kill_group(proc)
+            _stop(proc)
         out.seek(0)
         err.seek(0)
         return SandboxResult(None if timed_out else proc.returncode, out.read(max_output).decode(errors="replace"),
                              err.read(max_output).decode(errors="replace"), timed_out)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill the sandbox's PID 1 (its namespace dies with it) and let ``unshare`` reap it and exit, so no
+    zombie is left to the host's init; kill ``unshare`` too if it does not."""
+    if proc.poll() is None:
+        try:
+            for child in psutil.Process(proc.pid).children():
+                child.kill()
+        except psutil.NoSuchProcess:
+            pass
+        try:
+            proc.wait(timeout=2)
+            return
+        except subprocess.TimeoutExpired:
+            proc.kill()
     proc.wait()
