@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from offpolicy.cli import app
 from offpolicy.report.metrics import read_metrics
 from offpolicy.train.checkpoint import latest_checkpoint, load_checkpoint
-from offpolicy.train.learner import TrainingDiverged
+from offpolicy.config import TrainingDiverged
 from offpolicy.train.runner import train
 
 HUGE_REWARD = '''

@@ -21,7 +21,9 @@ from offpolicy.data.rewards import RewardLimits, score_batch
 from offpolicy.data.tasks import Problem
 from offpolicy.rollout.engines import TinyEngine
 from offpolicy.train.evaluate import evaluate
-from offpolicy.train.learner import Learner, NonFiniteGuard, TrainingDiverged
+from offpolicy.config import TrainingDiverged
+from offpolicy.train.guards import NonFiniteGuard
+from offpolicy.train.learner import Learner
 
 from test_learner import params_of, rl, rollout_batch
 
@@ -155,3 +157,12 @@ def test_evaluation_scores_with_the_timeout(tiny_policy):
                    reward_limits=RewardLimits(timeout_s=0.2, isolation="process"))
     assert out["eval/reward_errors"] == 4 and out["eval/greedy_acc"] == 0.0
     assert time.monotonic() - t0 < 5 and not children()
+
+
+def test_step_metrics_keep_the_last_cumulative_count():
+    from offpolicy.train.rl import step_metrics
+
+    ups = [{"train/skipped_steps": torch.tensor(1.0), "loss/policy": torch.tensor(2.0)},
+           {"train/skipped_steps": torch.tensor(2.0), "loss/policy": torch.tensor(4.0)}]
+    out = step_metrics(ups)
+    assert out["train/skipped_steps"] == 2.0 and out["loss/policy"] == 3.0

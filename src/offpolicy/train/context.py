@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from offpolicy.config import Config, ConfigError, dump_config
+from offpolicy.config import Config, ConfigError, TrainingDiverged, dump_config
 from offpolicy.data.rewards import RewardLimits
 from offpolicy.data.tasks import make_task
 from offpolicy.policy.model import Policy, build_tiny, load_policy
@@ -35,7 +35,7 @@ from offpolicy.preflight import preflight
 from offpolicy.train.checkpoint import (clean_orphans, latest_checkpoint, load_checkpoint, save_checkpoint,
                                         set_rng_state)
 from offpolicy.train.evaluate import evaluate
-from offpolicy.train.learner import NonFiniteGuard, TrainingDiverged
+from offpolicy.train.guards import NonFiniteGuard
 
 LOGGED_FILES = ("metrics.jsonl", "experiences.jsonl")  # cut back to their checkpointed length on resume
 
