@@ -33,7 +33,7 @@ class NonFiniteGuard:
     One host sync per update (the decision must be known before ``opt.step()``).
     """
 
-    KINDS = ("loss", "grad", "param")
+    KINDS = ("loss", "grad")  # a non-finite parameter stops the run at once: never a skip
 
     def __init__(self, max_skipped: int) -> None:
         self.max_skipped = max_skipped
