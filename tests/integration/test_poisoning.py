@@ -131,15 +131,15 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, tiny_overrides, poison_reward
 
 
 HANGING_REWARD = '''
-def sometimes_hangs(prompt, completion, answer):
-    if completion.startswith("+"):  # some of the policy's calls never return, burning CPU (reference answers do not)
+def mostly_hangs(prompt, completion, answer):
+    if not completion.strip().isdigit():  # the untrained policy's answers never return, burning CPU (references do)
         while True:
             pass
     return sum(c.isdigit() for c in completion) / max(1, len(completion))
 '''
 
 
-@pytest.mark.slow  # ~5-10 s: a fork per reward worker per batch, and the killed calls' timeouts
+@pytest.mark.slow  # ~5 s: a fork per reward worker per batch, and the killed calls' timeouts
 def test_hanging_reward_in_a_process_is_killed(tmp_path, tiny_config, monkeypatch):
     """``task.reward_isolation=process``: a reward that never returns is killed at ``task.reward_timeout_s``
     in training and in evaluation; the run finishes, the timeouts are counted, nothing is left running."""
@@ -152,9 +152,9 @@ def test_hanging_reward_in_a_process_is_killed(tmp_path, tiny_config, monkeypatc
     (mod / "offpolicy_hanging_reward.py").write_text(HANGING_REWARD)
     monkeypatch.syspath_prepend(str(mod))
     out = tmp_path / "run"
-    cfg = tiny_config(out, "rl.steps=2", "task.reward=offpolicy_hanging_reward:sometimes_hangs",
-                      "task.reward_timeout_s=0.2", "task.reward_isolation=process", "eval.samples=1",
-                      "rl.drop_uninformative_groups=false")
+    cfg = tiny_config(out, "rl.steps=1", "task.reward=offpolicy_hanging_reward:mostly_hangs",
+                      "task.reward_timeout_s=0.1", "task.reward_isolation=process", "eval.samples=1",
+                      "eval.n_problems=2", "rl.prompts_per_step=2", "rl.drop_uninformative_groups=false")
     train(cfg)
     rows = read_metrics(out / "metrics.jsonl")
     assert sum(r["reward/errors"] for r in rows if "reward/errors" in r) > 0
