@@ -107,7 +107,7 @@ def test_poisoned_reward_past_the_bound_stops_with_the_last_good_checkpoint(tmp_
     cfg = tiny_config(out, *BASE, *POISONS["reward_1e30"], "task.reward_bound=1e38", "rl.max_skipped_steps=2",
                       "sft.steps=1", "rl.steps=4")
     with pytest.raises(TrainingDiverged, match=r"rl.max_skipped_steps=2: 2 consecutive .* non-finite grad .*"
-                                               r"Stopped in rl step 2; .*checkpoints/step_rl_000001 stays latest"):
+                                               r"Stopped in rl step 2; .*checkpoints/step_rl_000001, stays latest"):
         train(cfg)
     # step 1's update was skipped, so its checkpoint holds the SFT weights: a good state, and latest
     assert latest_checkpoint(out / "checkpoints").name == "step_rl_000001"

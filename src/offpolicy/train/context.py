@@ -181,7 +181,8 @@ def stopped(run: Run, err: TrainingDiverged) -> TrainingDiverged:
     """``err`` with where the run stopped and which checkpoint it leaves as ``latest`` (none is ever
     written from a non-finite state)."""
     ckpt = latest_checkpoint(run.out / "checkpoints", warn=lambda _: None)
-    keeps = f"the last good checkpoint {ckpt} stays latest" if ckpt else "no checkpoint was written"
+    # "finite", not "good": weights can be finite yet so large that sampling overflows (lr x weight decay)
+    keeps = f"the last checkpoint with finite weights, {ckpt}, stays latest" if ckpt else "no checkpoint was written"
     return TrainingDiverged(f"{err}. Stopped in {run.state['stage']} step {run.state['step'] + 1}; {keeps}")
 
 
