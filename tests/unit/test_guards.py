@@ -166,3 +166,14 @@ def test_step_metrics_keep_the_last_cumulative_count():
            {"train/skipped_steps": torch.tensor(2.0), "loss/policy": torch.tensor(4.0)}]
     out = step_metrics(ups)
     assert out["train/skipped_steps"] == 2.0 and out["loss/policy"] == 3.0
+
+
+def test_sft_stops_before_a_non_finite_step(tiny_policy):
+    from offpolicy.train.learner import make_optimizer, optimizer_step
+
+    opt, sched = make_optimizer(tiny_policy.parameters(), OptimConfig(lr=1e-2), 10)
+    before = params_of(tiny_policy)
+    loss = sum(p.sum() for p in tiny_policy.parameters()) * float("nan")
+    with pytest.raises(TrainingDiverged, match="sft: non-finite loss"):
+        optimizer_step(tiny_policy, loss, opt, sched, grad_clip=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_policy.parameters()))

@@ -84,10 +84,17 @@ def make_optimizer(params, cfg: OptimConfig, total_steps: int):
 
 
 def optimizer_step(policy: Policy, loss: torch.Tensor, opt, sched, grad_clip: float) -> torch.Tensor:
+    """One supervised step. SFT learns the task's own expert traces, so a non-finite loss or gradient is
+    not one bad sample to skip but a setting that cannot work: it stops the run before the step."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in policy.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    bad = NonFiniteGuard.check_update(loss, norm, grad_clip)
+    if bad is not None:
+        raise TrainingDiverged(f"sft: non-finite {bad} (sft.optim.lr={opt.defaults['lr']}); the step was not taken")
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
     opt.step()
     sched.step()
     return norm.detach()
