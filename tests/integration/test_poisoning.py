@@ -9,7 +9,6 @@ hyperparameters at their edge (a PPO clip of 0, a KL coefficient of 1e30).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest

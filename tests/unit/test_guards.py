@@ -8,7 +8,6 @@ returns is killed, and nothing is left running.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -16,12 +15,11 @@ import psutil
 import pytest
 import torch
 
-from offpolicy.config import OptimConfig, load_config
+from offpolicy.config import OptimConfig, TrainingDiverged, load_config
 from offpolicy.data.rewards import RewardLimits, score_batch
 from offpolicy.data.tasks import Problem
 from offpolicy.rollout.engines import TinyEngine
 from offpolicy.train.evaluate import evaluate
-from offpolicy.config import TrainingDiverged
 from offpolicy.train.guards import NonFiniteGuard
 from offpolicy.train.learner import Learner
 
