@@ -18,6 +18,12 @@ class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the key."""
 
 
+class TrainingDiverged(ValueError):
+    """The numbers of a run stopped being usable (too many non-finite updates, non-finite weights or
+    sampling probabilities): the run stops with one ``error:`` line (a ``ValueError``, exit 2); nothing
+    non-finite was saved."""
+
+
 class _YAMLLoader(yaml.SafeLoader):
     """Safe YAML, except that ``3e-4`` is a float: YAML 1.1 wants a dot (``3.0e-4``) and reads it as a string."""
 
@@ -70,6 +76,8 @@ class TaskConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)  # passed to the task factory
     reward: str | None = None  # optional "module:function" replacing the task's verifier
     reward_timeout_s: float | None = Field(None, gt=0)  # per-call time limit for the reward (None = no limit)
+    reward_isolation: Literal["thread", "process"] = "thread"  # where timed reward calls run: a thread is only abandoned on timeout, a process is killed
+    reward_bound: float = Field(1e6, gt=0)  # |reward| above this (or non-finite) is counted as a reward error and scored 0
 
 
 class SamplingConfig(_Strict):
@@ -140,6 +148,7 @@ class RLConfig(_Strict):
     skip_zero_rows: bool = True  # skip the forward/backward of rows the loss declares exactly zero (same gradient)
     red_drop: bool = False  # RED-Drop (arXiv:2509.24203): drop surplus negatives per group before advantages
     micro_batch_size: int | None = Field(None, ge=1)  # rows per forward/backward; gradients accumulate to the whole batch's
+    max_skipped_steps: int = Field(5, ge=1)  # consecutive updates skipped for a non-finite loss/gradient before the run stops
     expert_per_group: int = Field(0, ge=0)  # expert traces (task solutions) added to every group: LUFFY/CHORD-style mixing
     controllers: dict[str, dict[str, Any]] = Field(default_factory=dict)  # stateful schedules, see train/learner.py
     buffer: BufferConfig = Field(default_factory=BufferConfig)

@@ -92,7 +92,7 @@ def test_make_reward_fn_binds_params_and_checks_them():
     assert fn("prompt", "3.4", "3") == 1.0
     with pytest.raises(ValueError, match=r"verifier 'numeric': unknown parameter 'tolerance'; valid parameters: rel_tol, abs_tol"):
         make_reward_fn("numeric", tolerance=1)
-    with pytest.raises(KeyError, match="unknown verifier 'nope'; valid names: exact, format, math_verify, numeric"):
+    with pytest.raises(KeyError, match="unknown verifier 'nope'; valid names: code, exact, format, math_verify, numeric"):
         make_reward_fn("nope")
 
 

@@ -85,7 +85,7 @@ def test_missing_file_and_bad_verifier(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"task file not found: .*nope\.jsonl"):
         make_task("file", path=str(missing))
     path = write_jsonl(tmp_path / "t.jsonl", rows(3))
-    with pytest.raises(ValueError, match=r"unknown verifier 'fuzzy'; valid names: exact, format, math_verify, numeric"):
+    with pytest.raises(ValueError, match=r"unknown verifier 'fuzzy'; valid names: code, exact, format, math_verify, numeric"):
         make_task("file", path=str(path), verifier="fuzzy")
     with pytest.raises(ValueError, match=r"verifier 'numeric': unknown parameter 'tol'"):
         make_task("file", path=str(path), verifier="numeric", verifier_params={"tol": 1})

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+from offpolicy.config import TrainingDiverged
 from offpolicy.policy.model import Policy
 from offpolicy.policy.tiny import KVCache
 
@@ -142,7 +143,14 @@ def sample_tokens(
         drop_sorted = (cum - sorted_lp.exp()) >= params.top_p  # keep the smallest prefix reaching top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logprobs = F.log_softmax(logprobs.masked_fill(drop, float("-inf")), dim=-1)
-    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator)  # (B, 1)
+    try:
+        tokens = torch.multinomial(logprobs.exp(), 1, generator=generator)  # (B, 1)
+    except RuntimeError as e:  # NaN/inf probabilities: checked only on failure, so the good path never syncs
+        if bool(torch.isfinite(logprobs.exp()).all()):  # another failure: not ours to rename
+            raise
+        raise TrainingDiverged("sampling: the policy's next-token probabilities are not finite: its weights "
+                               "have diverged (e.g. rl.optim.lr too high, or a sampling.temperature so low "
+                               "that the logits overflow)") from None
     return tokens.squeeze(-1), logprobs.gather(-1, tokens).squeeze(-1)
 
 

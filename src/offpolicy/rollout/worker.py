@@ -17,6 +17,7 @@ import torch
 from offpolicy.data.tasks import Problem, make_task
 from offpolicy.policy.model import Policy
 from offpolicy.rollout.engines import ChunkHook, SamplingParams, make_engine
+from offpolicy.data.rewards import RewardLimits
 from offpolicy.rollout.workflows import add_expert_traces, make_score_fn, rollout_groups
 
 
@@ -49,7 +50,7 @@ class WorkerSpec:
     task_name: str
     task_params: dict[str, Any]
     reward: str | None
-    reward_timeout_s: float | None
+    reward_limits: RewardLimits  # timeout, isolation and bound of reward calls
     sampling: SamplingParams
     group_size: int
     expert_per_group: int = 0
@@ -83,7 +84,7 @@ class RolloutWorker:
         try:
             groups, stats = rollout_groups(
                 self.engine, self.tokenizer, job.problems, self.score_fn, group_size=spec.group_size,
-                sampling=spec.sampling, seed=job.seed, reward_timeout_s=spec.reward_timeout_s,
+                sampling=spec.sampling, seed=job.seed, reward_limits=spec.reward_limits,
                 group_prefix=job.prefix, on_chunk=hook if spec.chunk_tokens else None,
                 chunk_tokens=spec.chunk_tokens)
         finally:

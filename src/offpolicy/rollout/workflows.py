@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from offpolicy.data.rewards import load_reward_fn, score_batch
+from offpolicy.data.rewards import RewardLimits, load_reward_fn, score_batch
 from offpolicy.data.tasks import Problem
 from offpolicy.experience import Experience
 from offpolicy.rollout.engines import ChunkHook, Engine, Generation, Request, SamplingParams
@@ -51,7 +51,7 @@ def rollout_groups(
     group_size: int,
     sampling: SamplingParams,
     seed: int | None = None,
-    reward_timeout_s: float | None = None,
+    reward_limits: RewardLimits = RewardLimits(),
     group_prefix: str = "",
     on_chunk: ChunkHook | None = None,
     chunk_tokens: int = 0,
@@ -69,7 +69,8 @@ def rollout_groups(
     gens = [g for group in gen_groups for g in group]
     flat_problems = [p for p in problems for _ in range(group_size)]
     texts = [tokenizer.decode(g.response_ids) for g in gens]
-    scores = score_batch(score_fn, flat_problems, texts, timeout_s=reward_timeout_s)
+    scores = score_batch(score_fn, flat_problems, texts, timeout_s=reward_limits.timeout_s,
+                         isolation=reward_limits.isolation, bound=reward_limits.bound)
     t2 = time.perf_counter()
     now = time.time()
     provenance = {"engine": engine.name, "sampling": sampling.as_dict(), "dtype": engine.dtype}

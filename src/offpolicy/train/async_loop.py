@@ -39,6 +39,7 @@ import torch
 
 from offpolicy.config import ConfigError
 from offpolicy.data.buffer import Group
+from offpolicy.data.rewards import RewardLimits
 from offpolicy.rollout.worker import Job, JobResult, RolloutWorker, WorkerSpec
 from offpolicy.train import context
 from offpolicy.train.context import Run, step_seed
@@ -136,7 +137,7 @@ def spec_of(cfg) -> WorkerSpec:
     from offpolicy.train.rl import sampling_params
 
     a = cfg.async_
-    return WorkerSpec(cfg.task.name, dict(cfg.task.params), cfg.task.reward, cfg.task.reward_timeout_s,
+    return WorkerSpec(cfg.task.name, dict(cfg.task.params), cfg.task.reward, RewardLimits.of(cfg.task),
                       sampling_params(cfg), cfg.rl.group_size, cfg.rl.expert_per_group, a.worker_threads,
                       a.chunk_tokens if a.partial_rollout else 0)
 

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from offpolicy.config import Config, ConfigError, dump_config
+from offpolicy.config import Config, ConfigError, TrainingDiverged, dump_config
+from offpolicy.data.rewards import RewardLimits
 from offpolicy.data.tasks import make_task
 from offpolicy.policy.model import Policy, build_tiny, load_policy
 from offpolicy.policy.tiny import TinyConfig
@@ -34,6 +35,7 @@ from offpolicy.preflight import preflight
 from offpolicy.train.checkpoint import (clean_orphans, latest_checkpoint, load_checkpoint, save_checkpoint,
                                         set_rng_state)
 from offpolicy.train.evaluate import evaluate
+from offpolicy.train.guards import NonFiniteGuard
 
 LOGGED_FILES = ("metrics.jsonl", "experiences.jsonl")  # cut back to their checkpointed length on resume
 
@@ -151,7 +153,8 @@ def record_eval(run: Run, name: str, extra: dict[str, Any] | None = None) -> dic
     sync_engine(run, run.state.get("version", 0))
     result = evaluate(run.engine, run.tokenizer, run.eval_problems, run.score_fn,
                       max_new_tokens=cfg.sampling.max_new_tokens, samples=cfg.eval.samples,
-                      temperature=cfg.eval.temperature, seed=step_seed(cfg, "eval", run.state["step"]))
+                      temperature=cfg.eval.temperature, seed=step_seed(cfg, "eval", run.state["step"]),
+                      reward_limits=RewardLimits.of(cfg.task))
     run.state["evals"][name] = result
     record = {"stage": run.state["stage"], "step": run.state["step"], "rollouts": run.state["rollouts"],
               "time/elapsed_s": run.elapsed(), "eval_point": name, **result, **(extra or {})}
@@ -162,11 +165,25 @@ def record_eval(run: Run, name: str, extra: dict[str, Any] | None = None) -> dic
 
 # ---- checkpoints and the end of a run --------------------------------------------------------
 def checkpoint(run: Run, stage_state: dict | None, name: str | None = None) -> Path:
+    """Save the run; refuse weights that are not finite, so ``latest`` always names a usable state (the
+    learner's guard keeps them finite; this is the last line, also for SFT)."""
+    if not NonFiniteGuard.params_finite(list(run.policy.parameters())):
+        raise TrainingDiverged(f"the weights are not finite at {run.state['stage']} step {run.state['step']}: "
+                               "no checkpoint written; the last good one stays latest")
     run.state["stage_state"] = stage_state
     run.log.flush()
     state = {**run.state, "elapsed": run.elapsed(), "log_sizes": log_sizes(run.out)}
     name = name or f"step_{run.state['stage']}_{run.state['step']:06d}"
     return save_checkpoint(run.out / "checkpoints", name, run.policy, state, keep=run.cfg.run.keep_checkpoints)
+
+
+def stopped(run: Run, err: TrainingDiverged) -> TrainingDiverged:
+    """``err`` with where the run stopped and which checkpoint it leaves as ``latest`` (none is ever
+    written from a non-finite state)."""
+    ckpt = latest_checkpoint(run.out / "checkpoints", warn=lambda _: None)
+    # "finite", not "good": weights can be finite yet so large that sampling overflows (lr x weight decay)
+    keeps = f"the last checkpoint with finite weights, {ckpt}, stays latest" if ckpt else "no checkpoint was written"
+    return TrainingDiverged(f"{err}. Stopped in {run.state['stage']} step {run.state['step'] + 1}; {keeps}")
 
 
 def current_rss_mb() -> float:

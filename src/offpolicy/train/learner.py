@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from offpolicy.config import ConfigError, OptimConfig, RLConfig
+from offpolicy.config import ConfigError, OptimConfig, RLConfig, TrainingDiverged
 from offpolicy.data.buffer import ReplayBuffer
 from offpolicy.experience import Batch
 from offpolicy.objectives import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
@@ -31,6 +31,7 @@ from offpolicy.objectives.diagnostics import ess, ratio_quantiles, staleness_sta
 from offpolicy.objectives.shaping import red_drop
 from offpolicy.policy.model import Policy
 from offpolicy.train.controllers import CONTROLLERS
+from offpolicy.train.guards import NonFiniteGuard
 
 
 def check_params(fn: Callable, params: dict[str, Any], key: str, reserved: frozenset[str] | None = None) -> None:
@@ -83,10 +84,17 @@ def make_optimizer(params, cfg: OptimConfig, total_steps: int):
 
 
 def optimizer_step(policy: Policy, loss: torch.Tensor, opt, sched, grad_clip: float) -> torch.Tensor:
+    """One supervised step. SFT learns the task's own expert traces, so a non-finite loss or gradient is
+    not one bad sample to skip but a setting that cannot work: it stops the run before the step."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in policy.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    bad = NonFiniteGuard.check_update(loss, norm, grad_clip)
+    if bad is not None:
+        raise TrainingDiverged(f"sft: non-finite {bad} (sft.optim.lr={opt.defaults['lr']}); the step was not taken")
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
     opt.step()
     sched.step()
     return norm.detach()
@@ -220,7 +228,8 @@ class Learner:
         reads_every_row = self.kl_fn is not None or self.ref_policy is not None or self.corr_fn is not None
         self.zero_rows = None if reads_every_row or not cfg.skip_zero_rows else getattr(self.loss_fn, "zero_rows", None)
         self.opt, self.sched = make_optimizer(policy.parameters(), cfg.optim, total_updates)
-        self.version = 0  # policy version = optimizer steps taken in this stage
+        self.version = 0  # policy version = updates taken in this stage (a skipped one keeps the weights)
+        self.guard = NonFiniteGuard(cfg.max_skipped_steps)
         self.drop_gen = torch.Generator().manual_seed(seed)  # RED-Drop's randomness (checkpointed)
 
     def _old_logp_source(self, provides: set[str]) -> str | None:
@@ -257,10 +266,11 @@ class Learner:
         loss_tok = self._add_kl(batch, loss_tok, logp, ref_logp, prev_logp, ov, metrics)
         loss = self.agg_fn(loss_tok, batch.mask, max_len=self.max_len)
         metrics.update(self._diagnostics(batch, logp, entropy, advantages, rows))
-        grad_norm = self._step(loss, backward, metrics)
-        self.version += 1
-        for c in self.controllers.values():
+        grad_norm, skipped = self._step(loss, backward, metrics)
+        self.version += 1  # a skipped update keeps its number: the loops' schedules count updates
+        for c in self.controllers.values() if not skipped else ():  # NaN metrics must not steer a controller
             metrics.update(c.after_update(metrics))
+        metrics.update(self.guard.metrics())
         metrics.update({"loss/policy": loss.detach(), "loss/grad_norm": grad_norm,
                         "optim/lr": torch.tensor(self.sched.get_last_lr()[0])})
         return metrics
@@ -403,19 +413,31 @@ class Learner:
         full[keep] = adv
         return full
 
-    def _step(self, loss: torch.Tensor, backward: Callable, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Backward (whole batch or accumulated micro-batches), clip, one optimizer step (lr × a controller's
-        ``lr_scale``), one scheduler step."""
+    def _step(self, loss: torch.Tensor, backward: Callable,
+              metrics: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """Backward (whole batch or accumulated micro-batches), the finite check, clip, one optimizer step
+        (lr × a controller's ``lr_scale``), one scheduler step. A non-finite loss or gradient skips the
+        step (see :class:`NonFiniteGuard`); returns the gradient norm and whether the step was skipped."""
         ov = merge_overrides([c.before_step(metrics) for c in self.controllers.values()])
         self.opt.zero_grad(set_to_none=True)
         backward(loss)
         params = [p for p in self.policy.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        with scaled_lr(self.opt, ov.get("lr_scale", 1.0)):
-            self.opt.step()
-        self.sched.step()
-        return norm.detach()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # grads untouched
+        bad = self.guard.check_update(loss, norm, clip)
+        if bad is None:
+            if clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+            with scaled_lr(self.opt, ov.get("lr_scale", 1.0)):
+                self.opt.step()
+            if not self.guard.params_finite(params):
+                raise TrainingDiverged(f"a parameter became non-finite after optimizer step {self.version + 1} with "
+                                       f"finite gradients: rl.optim.lr={self.cfg.optim.lr} (× weight_decay="
+                                       f"{self.cfg.optim.weight_decay}) overflows the weights")
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)  # a skipped step's gradients never reach a later one
+        self.guard.record(bad)
+        return norm.detach(), bad is not None
 
     def end_rollout_step(self) -> None:
         """Once per rollout step: controllers advance (MDPO's iteration, ReMix's pi_{k-1} and reincarnation)."""
@@ -462,7 +484,7 @@ class Learner:
     # ---- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "version": self.version,
-                "drop_gen": self.drop_gen.get_state(),
+                "drop_gen": self.drop_gen.get_state(), "guard": self.guard.state_dict(),
                 "controllers": {name: c.state_dict() for name, c in self.controllers.items()},
                 # anchors are part of the run's state: a resumed run keeps its reference, not a new one
                 "ref_model": self.ref_policy.model.state_dict() if self.ref_policy is not None else None,
@@ -474,6 +496,8 @@ class Learner:
         self.version = state["version"]
         if "drop_gen" in state:
             self.drop_gen.set_state(state["drop_gen"])
+        if "guard" in state:  # checkpoints written before the guard existed have none
+            self.guard.load_state_dict(state["guard"])
         for name, c in self.controllers.items():
             c.load_state_dict(state.get("controllers", {})[name])
         for anchor, key in ((self.ref_policy, "ref_model"), (self.prev_policy, "prev_model")):

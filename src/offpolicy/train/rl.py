@@ -186,12 +186,17 @@ def write_staleness(run: Run, parts: RLParts) -> None:
     (run.out / "staleness.json").write_text(json.dumps({"tokens_by_staleness": hist}, indent=1))
 
 
+CUMULATIVE = ("train/skipped_",)  # counters over the whole stage: a step reports its last value, not a mean
+
+
 def step_metrics(update_metrics: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Average each metric over the updates of one step (keys missing from some updates are skipped)."""
+    """Average each metric over the updates of one step (keys missing from some updates are skipped);
+    cumulative counters keep the step's last value."""
     if not update_metrics:
         return {"train/updates": torch.tensor(0.0)}
     keys = set.intersection(*(set(m) for m in update_metrics))
-    out = {k: torch.stack([m[k].float() for m in update_metrics]).mean() for k in sorted(keys)}
+    out = {k: update_metrics[-1][k].float() if k.startswith(CUMULATIVE) else
+           torch.stack([m[k].float() for m in update_metrics]).mean() for k in sorted(keys)}
     out["train/updates"] = torch.tensor(float(len(update_metrics)))
     return out
 

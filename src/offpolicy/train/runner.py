@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from offpolicy.config import TrainingDiverged
 from offpolicy.experience import collate
 from offpolicy.report.metrics import to_floats
 from offpolicy.rollout.workflows import expert_experiences
@@ -39,6 +40,8 @@ def train(cfg, resume: bool = False) -> dict[str, Any]:
         if run.state["stage"] == "rl" and cfg.rl.steps:
             LOOPS[cfg.run.mode](run)
         return finish(run)
+    except TrainingDiverged as e:  # one line for the CLI, naming what the user keeps
+        raise context.stopped(run, e) from None
     finally:
         run.log.close()
         run.console.close()

@@ -17,6 +17,7 @@ from dataclasses import asdict
 
 import torch
 
+from offpolicy.data.rewards import RewardLimits
 from offpolicy.rollout.workflows import add_expert_traces, rollout_groups
 from offpolicy.train import context
 from offpolicy.train.context import Run, step_seed
@@ -60,7 +61,7 @@ def rollout_step(run: Run, parts: RLParts, step: int) -> tuple[list, dict]:
     problems = run.task.problems(rl.prompts_per_step, split="train", seed=step_seed(cfg, "rl", step))
     groups, stats = rollout_groups(run.engine, run.tokenizer, problems, run.score_fn, group_size=rl.group_size,
                                    sampling=parts.sampling, seed=step_seed(cfg, "rl", step),
-                                   reward_timeout_s=cfg.task.reward_timeout_s, group_prefix=f"s{step}:")
+                                   reward_limits=RewardLimits.of(cfg.task), group_prefix=f"s{step}:")
     if rl.expert_per_group:
         add_expert_traces(groups, problems, run.tokenizer, run.score_fn, rl.expert_per_group)
     return groups, asdict(stats)
