@@ -31,7 +31,7 @@ SMALL = ("rl.steps=4", "rl.prompts_per_step=8", "rl.group_size=4", "rl.groups_pe
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found here
     yield ray
     ray.shutdown()
 

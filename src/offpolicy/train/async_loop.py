@@ -201,7 +201,7 @@ def init_ray(cfg) -> bool:
     else:  # a single-machine instance talks over loopback only (Ray would otherwise bind the LAN address)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=cfg.async_.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cfg.async_.num_cpus, include_dashboard=False, log_to_driver=False)
     return True
 
 
