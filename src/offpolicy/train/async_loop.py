@@ -332,7 +332,11 @@ class RayRollouts:
 # ---- replay: the recorded schedule, in process -------------------------------------------------
 class ReplayedRollouts:
     """Reproduce a recorded async run without Ray: each request is generated in this process on the
-    learner's weights of the recorded version(s), swapping them at the recorded decode steps."""
+    learner's weights of the recorded version(s), swapping them at the recorded decode steps.
+
+    A record may give ``"lag": L`` instead of versions: the request is then generated on the weights
+    L versions behind the learner's when its step is taken (``max(0, v − L)``) — a synthetic schedule
+    in which every group is exactly as stale as the bound allows (``benchmarks/bench_staleness.py``)."""
 
     def __init__(self, run: Run, parts: RLParts, path: str) -> None:
         self.run, self.parts, self.cfg = run, parts, run.cfg
@@ -353,7 +357,11 @@ class ReplayedRollouts:
             rec = self.records.get((step, job.chunk))
             if rec is None:
                 raise ConfigError(f"async.replay_schedule: no request recorded for step {step} chunk {job.chunk}")
-            results.append(self._generate(job, rec["step_versions"], rec["start_version"]))
+            if "lag" in rec:  # a synthetic schedule: generate on the weights `lag` versions behind first use
+                start = max(0, self.parts.learner.version - rec["lag"])
+                results.append(self._generate(job, [start], start))
+            else:
+                results.append(self._generate(job, rec["step_versions"], rec["start_version"]))
         groups, stats = assemble(results)
         for r in results:
             collect(self.run, self.parts, r.groups, r.stats, step=r.step, chunk=r.chunk)

@@ -149,7 +149,7 @@ def sync_engine(run: Run, version: int) -> None:
 
 # ---- evaluation ------------------------------------------------------------------------------
 def record_eval(run: Run, name: str, extra: dict[str, Any] | None = None) -> dict[str, float]:
-    cfg = run.cfg
+    cfg, t0 = run.cfg, time.perf_counter()
     sync_engine(run, run.state.get("version", 0))
     result = evaluate(run.engine, run.tokenizer, run.eval_problems, run.score_fn,
                       max_new_tokens=cfg.sampling.max_new_tokens, samples=cfg.eval.samples,
@@ -157,7 +157,8 @@ def record_eval(run: Run, name: str, extra: dict[str, Any] | None = None) -> dic
                       reward_limits=RewardLimits.of(cfg.task))
     run.state["evals"][name] = result
     record = {"stage": run.state["stage"], "step": run.state["step"], "rollouts": run.state["rollouts"],
-              "time/elapsed_s": run.elapsed(), "eval_point": name, **result, **(extra or {})}
+              "time/elapsed_s": run.elapsed(), "time/eval_s": time.perf_counter() - t0, "eval_point": name,
+              **result, **(extra or {})}
     run.log.log(record)
     run.console.eval_line(name, result)
     return result
