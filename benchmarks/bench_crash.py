@@ -72,13 +72,13 @@ def digit_fraction(prompt, completion, answer):
     return sum(c.isdigit() for c in completion) / max(1, len(completion))
 '''
 
-# ~1.5 s of run on one thread: 8 SFT steps (evals at 3, 6), 10 RL steps of 2 updates (evals at 3, 6, 9)
+# ~3 s of run on one busy thread: 8 SFT steps (evals at 3, 6), 10 RL steps of 2 updates (evals at 3, 6, 9)
 RUN = [
     "run.progress=false", "run.threads=1", "run.checkpoint_every=2", "run.save_experiences=true",
     "policy.d_model=32", "policy.n_layers=1", "policy.n_heads=2", "policy.max_len=32",
-    "sampling.max_new_tokens=6", "eval.n_problems=12", "eval.samples=2", "eval.every=3",
-    "sft.steps=8", "sft.eval_every=3", "sft.stop_at_accuracy=null", "sft.batch_size=32", "sft.optim.warmup_steps=0",
-    "rl.steps=10", "rl.prompts_per_step=4", "rl.group_size=4", "rl.groups_per_update=4", "rl.updates_per_step=2",
+    "sampling.max_new_tokens=6", "eval.n_problems=24", "eval.samples=2", "eval.every=3",
+    "sft.steps=8", "sft.eval_every=3", "sft.stop_at_accuracy=null", "sft.batch_size=64", "sft.optim.warmup_steps=0",
+    "rl.steps=10", "rl.prompts_per_step=8", "rl.group_size=8", "rl.groups_per_update=8", "rl.updates_per_step=2",
     "rl.optim.lr=1e-2", "rl.buffer.max_staleness=4", "task.name=addition", "task.params={min_digits: 1, max_digits: 2}",
     "task.reward=crash_reward:digit_fraction",
 ]
@@ -467,6 +467,111 @@ def summarize(series: list[dict], seed: int, run_seconds: float, start_seconds: 
         "uninterrupted_start_s": round(start_seconds, 2),
         "seconds": round(seconds, 1),
         "series_detail": series,
+    }
+
+
+# ---- async: kill the driver ------------------------------------------------------------------
+ASYNC = ["run.mode=async", "async.num_workers=1", "async.num_cpus=2", "async.groups_per_request=2", "rl.steps=24"]
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (the driver's, started with ``start_new_session``): Ray's too."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+                pids.append(int(d))
+    return pids
+
+
+def reap_session(sid: int, grace: float = 5.0) -> list[str]:
+    """Wait up to ``grace`` s for the session's processes to go by themselves; SIGKILL the rest.
+    Returns the names of those still there after the grace period (left behind by the dead driver)."""
+    t = time.perf_counter()
+    while session_pids(sid) and time.perf_counter() - t < grace:
+        time.sleep(0.1)
+    left, names = session_pids(sid), []
+    for pid in left:
+        try:
+            names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
+    return names
+
+
+def async_series(work: Path, kills: int, seed: int = 0, timeout: float = 240.0) -> dict[str, Any]:
+    """Kill an async run's driver (SIGKILL, mid-RL: after a random number of logged RL steps plus up to
+    0.3 s), resume, repeat; then let it finish. Async runs are not bit-reproducible across a kill (a request
+    generated again runs on other weights), so what is checked is the consumed experiences: each step's
+    groups in ``experiences.jsonl`` exactly once, and everything the write-ahead log held at a kill
+    (collected, not yet covered by a checkpoint) consumed after the resume, not generated again."""
+    from offpolicy.train.checkpoint import STATE_JSON, STATE_TENSORS, latest_checkpoint
+    from offpolicy.train.state_io import load_state
+
+    env, rng = run_env(work), random.Random(seed)
+    out = work / "async_run"
+    shutil.rmtree(out, ignore_errors=True)
+    steps = int(next(o for o in ASYNC if o.startswith("rl.steps=")).split("=")[1])
+    killed, left_behind, wal_keys, buffer_keys, resume, starts, t0 = [], [], set(), [], False, 0, time.perf_counter()
+    done_step, logged_bytes = 0, 0  # RL steps and metrics.jsonl bytes the checkpoint resumed from covers
+    while True:
+        starts += 1
+        with open(work / f"async.{starts}.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "offpolicy.cli", *train_argv(out, seed, resume, *ASYNC)],
+                                    env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        target = None if len(killed) >= kills or done_step >= steps - 1 else rng.randint(done_step + 1, steps - 1)
+        metrics, fresh = out / "metrics.jsonl", False  # rows count once the resume has cut the file back
+        while proc.poll() is None and target is not None:
+            fresh = fresh or not metrics.exists() or metrics.stat().st_size <= logged_bytes
+            rows = [r for r in jsonl_tolerant(metrics) if r.get("stage") == "rl" and "eval_point" not in r]
+            if fresh and rows and rows[-1]["step"] >= target:
+                time.sleep(rng.uniform(0.0, 0.1))
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"async series: over {timeout} s")
+            time.sleep(0.02)
+        rc = proc.wait()
+        left_behind.append(reap_session(proc.pid))
+        if rc == 0:
+            break
+        if rc != -signal.SIGKILL:
+            raise RuntimeError(f"async start {starts} failed (rc {rc}): {(work / f'async.{starts}.log').read_text()[-3000:]}")
+        ckpt = latest_checkpoint(out / "checkpoints", warn=lambda m: None)
+        state = load_state(ckpt, STATE_JSON, STATE_TENSORS)
+        done_step = state["step"] if state["stage"] == "rl" else 0
+        logged_bytes = state["log_sizes"].get("metrics.jsonl", 0)
+        buf = (state.get("stage_state") or {}).get("buffer") or {"groups": []}
+        buffer_keys.append([exp_key(e) for g in buf["groups"] for e in g["experiences"]])
+        wal = [json.loads(line) for line in (out / "rollouts.wal.jsonl").read_text().splitlines() if line.strip()]
+        pending = [w for w in wal if w["step"] >= state["step"]]
+        wal_keys |= {exp_key(e) for w in pending for g in w["groups"] for e in g}
+        killed.append({"after_rl_step": target, "checkpoint": ckpt.name, "wal_requests_pending": len(pending)})
+        resume = True
+    exps = jsonl(out / "experiences.jsonl")
+    keys = [exp_key(e) for e in exps]
+    per_step = collections.Counter(e["group_id"].split(":", 1)[0].split("c")[0] for e in exps)
+    want = int(next(o for o in RUN if o.startswith("rl.prompts_per_step=")).split("=")[1]) * \
+        int(next(o for o in RUN if o.startswith("rl.group_size=")).split("=")[1])
+    rl_steps = [r["step"] for r in jsonl(out / "metrics.jsonl") if r["stage"] == "rl" and "eval_point" not in r]
+    left_at_kills = [names for names in left_behind[:-1]]
+    return {
+        "kills": len(killed), "resumed": starts - 1, "kill_detail": killed,
+        "rl_steps_continuous": rl_steps == list(range(1, steps + 1)),
+        "experiences": len(exps), "duplicated_experiences": len(keys) - len(set(keys)),
+        "steps_with_wrong_count": sorted(k for k, n in per_step.items() if n != want) +
+                                  sorted(f"s{i}" for i in range(steps) if f"s{i}" not in per_step),
+        "wal_experiences_at_kills": len(wal_keys), "wal_experiences_not_consumed": len(wal_keys - set(keys)),
+        "buffer_duplicated_experiences": sum(len(b) - len(set(b)) for b in buffer_keys),
+        "buffer_experiences_not_logged": sum(len(set(b) - set(keys)) for b in buffer_keys),
+        "processes_left_after_driver_kill": left_at_kills, "processes_left_after_finish": left_behind[-1],
+        "orphans": sorted(n for n in os.listdir(out / "checkpoints") if n.startswith(".")),
+        "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
