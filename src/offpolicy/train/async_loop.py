@@ -192,8 +192,8 @@ def init_ray(cfg) -> bool:
         return False
     if cfg.run.ray_address:
         ray.init(address=cfg.run.ray_address, include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(num_cpus=cfg.async_.num_cpus, include_dashboard=False, log_to_driver=False)
+    else:  # address="local": a new instance even where `ray start` runs one (plain ray.init() would join it)
+        ray.init(address="local", num_cpus=cfg.async_.num_cpus, include_dashboard=False, log_to_driver=False)
     return True
 
 
