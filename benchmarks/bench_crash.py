@@ -376,14 +376,28 @@ def kill_series(start, out: Path, ref: Path, seed: int, rng: random.Random, max_
         stage, frame = stage_of(dump)
         kills.append({"stage": stage, "frame": frame, "aimed_at_checkpoint": aimed, "resume": resume,
                       "after": {k: last.get(k) for k in ("stage", "step", "eval_point")}})
-        found = []
-        ckpt = latest_checkpoint(out / "checkpoints", warn=found.append) if (out / "checkpoints").is_dir() else None
+        found, ckpt = [], resume_source(out / "checkpoints")
+        if ckpt is None and (out / "checkpoints").is_dir():
+            ckpt = latest_checkpoint(out / "checkpoints", warn=found.append)
         if ckpt is not None:
-            checks.append({**compare_checkpoint(ckpt, ref / "checkpoints" / ckpt.name), "fallback": bool(found)})
+            name = ckpt.name[1:-len(".old")] if ckpt.name.endswith(".old") else ckpt.name
+            checks.append({**compare_checkpoint(ckpt, ref / "checkpoints" / name), "fallback": bool(found)})
             done = checks[-1]["elapsed"]
         resume = True
     return {"kills": kills, "resumed": resumed, "fresh_restarts": fresh, "failures": failures,
             "checkpoint_checks": checks, "starts": attempt}
+
+
+def resume_source(root: Path) -> Path | None:
+    """The checkpoint a resume will load when a kill landed while a same-named checkpoint was being
+    replaced (``latest`` names ``N``, only ``.N.old`` is there): the resume's ``clean_orphans`` puts
+    ``.N.old`` back first. None otherwise (then :func:`latest_checkpoint` says; it does not clean)."""
+    try:
+        name = (root / "latest").read_text().strip()
+    except OSError:
+        return None
+    old = root / f".{name}.old"
+    return old if name and not (root / name).exists() and old.is_dir() else None
 
 
 def jsonl_tolerant(path: Path) -> list[dict]:
