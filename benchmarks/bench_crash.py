@@ -1,6 +1,8 @@
 """kill -9 harness: SIGKILL `offpolicy train` at random moments, resume it, compare with an uninterrupted run.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_crash.py --kills 50     # ~3-5 min on 2 busy cores
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_crash.py --kills 50     # ~3 min on 2 busy cores
+
+(``--async-kills 3``, the default, then kills the driver of an async run 3 times: :func:`async_series`.)
 
 One *series* is a tiny sync run (d_model 32, 1 layer, 6 SFT steps, 10 RL steps, a checkpoint every
 2 steps, evaluations inside SFT and RL, ``run.save_experiences=true``, a fixed seed) started as a
@@ -230,6 +232,7 @@ def kill_at(child: Child, trace: Path, delay: float, out: Path, aim_checkpoint: 
         t = time.perf_counter()
         while trace.stat().st_size == 0 and time.perf_counter() - t < 0.2:
             time.sleep(0.0005)
+        time.sleep(0.002)  # the rest of the dump (it takes well under a millisecond)
         os.kill(child.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
@@ -244,8 +247,8 @@ def stage_of(trace_text: str) -> tuple[str, str | None]:
     """(stage, innermost offpolicy frame) from a faulthandler dump of the current thread: the stage is
     named by the innermost frame whose function has a known name."""
     block = trace_text.split("Current thread", 1)[-1].split("\n\n", 1)[0]
-    frames = [line.strip()[len("File "):].rsplit(" in ", 1) for line in block.splitlines()
-              if line.strip().startswith("File ") and " in " in line]
+    frames = [f for f in (line.strip()[len("File "):].rsplit(" in ", 1) for line in block.splitlines()
+                          if line.strip().startswith("File ")) if len(f) == 2]  # a torn last line is skipped
     ours = next((f"{Path(f.split(',')[0].strip(QUOTE)).name}:{func}" for f, func in frames
                  if "/offpolicy/" in f), None)
     stage = next((STAGES[func] for _, func in frames if func in STAGES), "other" if ours else "startup")
@@ -527,11 +530,13 @@ def async_series(work: Path, kills: int, seed: int = 0, timeout: float = 240.0) 
     from offpolicy.train.checkpoint import STATE_JSON, STATE_TENSORS, latest_checkpoint
     from offpolicy.train.state_io import load_state
 
-    env, rng = run_env(work), random.Random(seed)
+    env, rng = {**run_env(work), "RAY_raylet_start_wait_time_s": "120"}, random.Random(seed)  # busy cores
     out = work / "async_run"
+    ray_start_failures = []  # Ray itself failing to start (not a resume failing): retried, counted
     shutil.rmtree(out, ignore_errors=True)
     steps = int(next(o for o in ASYNC if o.startswith("rl.steps=")).split("=")[1])
-    killed, left_behind, wal_keys, buffer_keys, resume, starts, t0 = [], [], set(), [], False, 0, time.perf_counter()
+    killed, left_behind, resume, starts, t0 = [], [], False, 0, time.perf_counter()
+    wal_groups, buffer_groups = {}, []  # group_id -> responses, as the write-ahead log / a resumed buffer held them
     done_step, logged_bytes = 0, 0  # RL steps and metrics.jsonl bytes the checkpoint resumed from covers
     while True:
         starts += 1
@@ -554,37 +559,52 @@ def async_series(work: Path, kills: int, seed: int = 0, timeout: float = 240.0) 
         left_behind.append(reap_session(proc.pid))
         if rc == 0:
             break
-        if rc != -signal.SIGKILL:
+        text = (work / f"async.{starts}.log").read_text()
+        ray_failed = rc == 1 and len(ray_start_failures) < 2 and (
+            "timed out during startup" in text or "Raylet is terminated" in text)
+        if ray_failed:
+            ray_start_failures.append(text[-500:])
+        elif rc != -signal.SIGKILL:
             raise RuntimeError(f"async start {starts} failed (rc {rc}): {(work / f'async.{starts}.log').read_text()[-3000:]}")
         ckpt = latest_checkpoint(out / "checkpoints", warn=lambda m: None)
         state = load_state(ckpt, STATE_JSON, STATE_TENSORS)
         done_step = state["step"] if state["stage"] == "rl" else 0
         logged_bytes = state["log_sizes"].get("metrics.jsonl", 0)
         buf = (state.get("stage_state") or {}).get("buffer") or {"groups": []}
-        buffer_keys.append([exp_key(e) for g in buf["groups"] for e in g["experiences"]])
+        buffer_groups.append([(g["experiences"][0]["group_id"], [e["response_ids"] for e in g["experiences"]])
+                              for g in buf["groups"]])
         wal = [json.loads(line) for line in (out / "rollouts.wal.jsonl").read_text().splitlines() if line.strip()]
         pending = [w for w in wal if w["step"] >= state["step"]]
-        wal_keys |= {exp_key(e) for w in pending for g in w["groups"] for e in g}
-        killed.append({"after_rl_step": target, "checkpoint": ckpt.name, "wal_requests_pending": len(pending)})
+        wal_groups.update((g[0]["group_id"], [e["response_ids"] for e in g]) for w in pending for g in w["groups"])
+        if not ray_failed:
+            killed.append({"after_rl_step": target, "checkpoint": ckpt.name, "wal_requests_pending": len(pending)})
         resume = True
-    exps = jsonl(out / "experiences.jsonl")
-    keys = [exp_key(e) for e in exps]
-    per_step = collections.Counter(e["group_id"].split(":", 1)[0].split("c")[0] for e in exps)
-    want = int(next(o for o in RUN if o.startswith("rl.prompts_per_step=")).split("=")[1]) * \
-        int(next(o for o in RUN if o.startswith("rl.group_size=")).split("=")[1])
+    # a group's responses may repeat (same tokens sampled twice), so experiences are counted per group:
+    # each group id once, with group_size responses; each step with prompts_per_step groups
+    logged: dict[str, list] = collections.defaultdict(list)
+    for e in jsonl(out / "experiences.jsonl"):
+        logged[e["group_id"]].append(e["response_ids"])
+    size = lambda key: int(next(o for o in RUN if o.startswith(key)).split("=")[1])  # noqa: E731
+    group_size, per_step_want = size("rl.group_size="), size("rl.prompts_per_step=")
+    per_step = collections.Counter(gid.split(":", 1)[0].split("c")[0] for gid in logged)
     rl_steps = [r["step"] for r in jsonl(out / "metrics.jsonl") if r["stage"] == "rl" and "eval_point" not in r]
     left_at_kills = [names for names in left_behind[:-1]]
+    buffer_ids = [[gid for gid, _ in b] for b in buffer_groups]
     return {
-        "kills": len(killed), "resumed": starts - 1, "kill_detail": killed,
+        "kills": len(killed), "resumed": starts - 1 - len(ray_start_failures), "kill_detail": killed,
         "rl_steps_continuous": rl_steps == list(range(1, steps + 1)),
-        "experiences": len(exps), "duplicated_experiences": len(keys) - len(set(keys)),
-        "steps_with_wrong_count": sorted(k for k, n in per_step.items() if n != want) +
-                                  sorted(f"s{i}" for i in range(steps) if f"s{i}" not in per_step),
-        "wal_experiences_at_kills": len(wal_keys), "wal_experiences_not_consumed": len(wal_keys - set(keys)),
-        "buffer_duplicated_experiences": sum(len(b) - len(set(b)) for b in buffer_keys),
-        "buffer_experiences_not_logged": sum(len(set(b) - set(keys)) for b in buffer_keys),
+        "experiences": sum(map(len, logged.values())),
+        "duplicated_experiences": sum(max(0, len(v) - group_size) for v in logged.values()),
+        "lost_experiences": sum(max(0, group_size - len(v)) for v in logged.values()) +
+                            group_size * sum(max(0, per_step_want - per_step.get(f"s{i}", 0)) for i in range(steps)),
+        "steps_with_wrong_count": sorted(f"s{i}" for i in range(steps) if per_step.get(f"s{i}") != per_step_want),
+        "wal_experiences_at_kills": sum(map(len, wal_groups.values())),
+        "wal_experiences_not_consumed": sum(len(v) for gid, v in wal_groups.items() if logged.get(gid) != v),
+        "buffer_duplicated_groups": sum(len(b) - len(set(b)) for b in buffer_ids),
+        "buffer_experiences_not_logged": sum(len(v) for b in buffer_groups for gid, v in b if logged.get(gid) != v),
         "processes_left_after_driver_kill": left_at_kills, "processes_left_after_finish": left_behind[-1],
         "orphans": sorted(n for n in os.listdir(out / "checkpoints") if n.startswith(".")),
+        "ray_start_failures": ray_start_failures,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -594,6 +614,7 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--exec", dest="use_exec", action="store_true", help="exec every start instead of forking")
+    ap.add_argument("--async-kills", type=int, default=3, help="driver kills of an async run (0: none)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "crash.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -601,10 +622,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="offpolicy_crash_") as work:
         result = campaign(Path(work), args.kills, args.seed, use_exec=args.use_exec)
+        if args.async_kills:
+            result["async"] = async_series(Path(work), args.async_kills, args.seed)
     result = {**{k: v for k, v in result.items() if k != "series_detail"},
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "command": f"PYTHONPATH=src .venv/bin/python benchmarks/bench_crash.py --kills {args.kills}"
-                         f" --seed {args.seed}" + (" --exec" if args.use_exec else ""),
+                         f" --seed {args.seed} --async-kills {args.async_kills}" + (" --exec" if args.use_exec else ""),
               "series_detail": result["series_detail"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
