@@ -349,17 +349,20 @@ def kill_series(start, out: Path, ref: Path, seed: int, rng: random.Random, max_
 
     The delay of a kill is uniform over the run time left after the checkpoint it starts from (the
     checkpoint's ``elapsed`` vs ``run_seconds``, the whole run's), stretched by 20% and 0.3 s, so kills
-    spread over the stages still to come and some land in setup and in the end of the run."""
+    spread over the stages still to come and some land in setup and in the end of the run. A start that
+    resumes from ``checkpoints/final`` (only the summary and the plot left) is not killed: more kills there
+    would only repeat the same few lines."""
     shutil.rmtree(out, ignore_errors=True)
     from offpolicy.train.checkpoint import latest_checkpoint
 
     kills, resumed, fresh, failures, checks, attempt, resume, done = [], 0, 0, [], [], 0, False, 0.0
+    at_final = False  # resuming from checkpoints/final: only the summary and the plot are left
     while True:
         attempt += 1
         log, trace = out.parent / f"{out.name}.{attempt}.log", out.parent / f"{out.name}.{attempt}.trace"
         child = start(train_argv(out, seed, resume), log, trace)
         resumed += resume
-        if len(kills) < max_kills:
+        if len(kills) < max_kills and not at_final:  # one kill in the last lap is enough: the next one finishes
             aimed = rng.random() < aim_frac
             rc = kill_at(child, trace, rng.uniform(0.0, 1.2 * max(run_seconds - done, 0.0) + 0.3), out, aimed)
         else:
@@ -385,7 +388,7 @@ def kill_series(start, out: Path, ref: Path, seed: int, rng: random.Random, max_
         if ckpt is not None:
             name = ckpt.name[1:-len(".old")] if ckpt.name.endswith(".old") else ckpt.name
             checks.append({**compare_checkpoint(ckpt, ref / "checkpoints" / name), "fallback": bool(found)})
-            done = checks[-1]["elapsed"]
+            done, at_final = checks[-1]["elapsed"], name == "final"
         resume = True
     return {"kills": kills, "resumed": resumed, "fresh_restarts": fresh, "failures": failures,
             "checkpoint_checks": checks, "starts": attempt}
