@@ -29,7 +29,8 @@ is there (a few ms). The innermost frame with a known name gives the stage (``sf
 ``wal``, ``update``, ``weight_sync``, ``eval``, ``log``, ``checkpoint``, ``setup`` — a resume's own
 loading —, ``finish``, ``startup`` — the CLI reading its arguments and the recipe —; ``other`` for the
 glue between them). Most kills come after a uniformly random
-delay (see :func:`kill_series`); one in four is *aimed at checkpoint writing*: the harness polls ``checkpoints/`` every ~1 ms
+delay (see :func:`kill_series`); one in four is *aimed at checkpoint writing*: the harness polls
+``checkpoints/`` every ~1 ms
 and kills as soon as a temporary ``.<name>.tmp-*`` folder appears.
 
 **A kill before the first checkpoint.** ``--resume`` then refuses ("no checkpoint"; exit 2), and the
@@ -301,8 +302,8 @@ def compare_checkpoint(got: Path, ref: Path) -> dict[str, Any]:
     if buf_a is not None or buf_b is not None:
         exps = lambda buf: [exp_key(e) for g in buf["groups"] for e in g["experiences"]]  # noqa: E731
         out["buffer_lost"], out["buffer_duplicated"] = multiset_diff(exps(buf_a), exps(buf_b))
-        rows = lambda buf: [(g["version"], g["uses"], [strip(e, ("created_at",)) for e in g["experiences"]])  # noqa: E731
-                            for g in buf["groups"]]
+        rows = lambda buf: [(g["version"], g["uses"], [strip(e, ("created_at",)) for e in g["experiences"]])
+                            for g in buf["groups"]]  # noqa: E731
         out["buffer_equal"] = rows(buf_a) == rows(buf_b) and buf_a["stats"] == buf_b["stats"]
     return out
 
@@ -568,7 +569,7 @@ def async_series(work: Path, kills: int, seed: int = 0, timeout: float = 240.0) 
         if ray_failed:
             ray_start_failures.append(text[-500:])
         elif rc != -signal.SIGKILL:
-            raise RuntimeError(f"async start {starts} failed (rc {rc}): {(work / f'async.{starts}.log').read_text()[-3000:]}")
+            raise RuntimeError(f"async start {starts} failed (rc {rc}): {text[-3000:]}")
         ckpt = latest_checkpoint(out / "checkpoints", warn=lambda m: None)
         state = load_state(ckpt, STATE_JSON, STATE_TENSORS)
         done_step = state["step"] if state["stage"] == "rl" else 0
@@ -591,7 +592,6 @@ def async_series(work: Path, kills: int, seed: int = 0, timeout: float = 240.0) 
     group_size, per_step_want = size("rl.group_size="), size("rl.prompts_per_step=")
     per_step = collections.Counter(gid.split(":", 1)[0].split("c")[0] for gid in logged)
     rl_steps = [r["step"] for r in jsonl(out / "metrics.jsonl") if r["stage"] == "rl" and "eval_point" not in r]
-    left_at_kills = [names for names in left_behind[:-1]]
     buffer_ids = [[gid for gid, _ in b] for b in buffer_groups]
     return {
         "kills": len(killed), "resumed": starts - 1 - len(ray_start_failures), "kill_detail": killed,
@@ -605,7 +605,7 @@ def async_series(work: Path, kills: int, seed: int = 0, timeout: float = 240.0) 
         "wal_experiences_not_consumed": sum(len(v) for gid, v in wal_groups.items() if logged.get(gid) != v),
         "buffer_duplicated_groups": sum(len(b) - len(set(b)) for b in buffer_ids),
         "buffer_experiences_not_logged": sum(len(v) for b in buffer_groups for gid, v in b if logged.get(gid) != v),
-        "processes_left_after_driver_kill": left_at_kills, "processes_left_after_finish": left_behind[-1],
+        "processes_left_after_driver_kill": left_behind[:-1], "processes_left_after_finish": left_behind[-1],
         "orphans": sorted(n for n in os.listdir(out / "checkpoints") if n.startswith(".")),
         "ray_start_failures": ray_start_failures,
         "seconds": round(time.perf_counter() - t0, 1),
