@@ -148,6 +148,13 @@ def assemble(results: list[JobResult]) -> tuple[list, dict[str, Any]]:
     return [g for r in results for g in r.groups], merge_stats([r.stats for r in results])
 
 
+def decode_versions(groups: list) -> list[int]:
+    """The weights version at every decode step of a request, read off its longest policy response."""
+    longest = max((e for g in groups for e in g if e.source == "policy"), key=lambda e: len(e.response_ids))
+    v = longest.policy_version
+    return list(v) if isinstance(v, list) else [v] * len(longest.response_ids)
+
+
 def schedule_record(r: JobResult, worker: int) -> dict[str, Any]:
     return {"kind": "request", "step": r.step, "chunk": r.chunk, "worker": worker,
             "start_version": r.start_version, "step_versions": r.step_versions}
@@ -217,14 +224,17 @@ class RayRollouts:
         self.actor.push = ray.method(concurrency_group="control")(RayWorker.push)
         self.plan, self.spec = Plan(run, parts), spec_of(run.cfg)
         self.done: dict[tuple[int, int], JobResult] = {}
-        # requests collected before a kill are in the write-ahead log: used, not generated again
+        self.schedule = open(run.out / SCHEDULE_FILE, "a", buffering=1)  # whole lines: a resume cuts it back
+        # requests collected before a kill are in the write-ahead log: used, not generated again (and
+        # recorded again, since the schedule was cut back to the checkpoint)
         for e in parts.wal.entries(from_step=run.state["step"]):
-            self.done[(e.step, e.chunk)] = JobResult(e.step, e.chunk, e.groups, e.stats, -1)
+            versions = decode_versions(e.groups)
+            self.done[(e.step, e.chunk)] = JobResult(e.step, e.chunk, e.groups, e.stats, versions[0], versions)
+            self.schedule.write(json.dumps(schedule_record(self.done[(e.step, e.chunk)], -1)) + "\n")
         self.in_flight: dict[Any, tuple[int, Job]] = {}
         self.counters = {"restarts": 0, "lost": 0, "sync_s": 0.0, "busy_s": 0.0, "updates": 0, "syncs": 0}
         self.weights = self._put()
         self.workers = [self._spawn() for _ in range(run.cfg.async_.num_workers)]
-        self.schedule = open(run.out / SCHEDULE_FILE, "a")
         self._fill()
 
     # -- the loop's three calls ---------------------------------------------------------------

@@ -37,7 +37,7 @@ from offpolicy.train.checkpoint import (clean_orphans, latest_checkpoint, load_c
 from offpolicy.train.evaluate import evaluate
 from offpolicy.train.guards import NonFiniteGuard
 
-LOGGED_FILES = ("metrics.jsonl", "experiences.jsonl")  # cut back to their checkpointed length on resume
+LOGGED_FILES = ("metrics.jsonl", "experiences.jsonl", "schedule.jsonl")  # cut back to their checkpointed length on resume
 
 
 @dataclass
