@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's TINY_RUN, also when run as a script
-from conftest import TINY_RUN  # noqa: E402
+from tests.conftest import TINY_RUN  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 BASE = ["rl.steps=1", "sft.steps=0"]  # one RL step of the tiny run: the catalogue checks fail before it
