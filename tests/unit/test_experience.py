@@ -80,11 +80,14 @@ def test_group_index_numbers_groups_in_order_of_appearance():
     assert collate(exps, PAD).group_index.tolist() == [0, 1, 0, 2, 3, 4]
 
 
-def test_behavior_logp_is_none_when_any_row_lacks_it():
+def test_one_row_without_behaviour_logprobs_keeps_the_others():
+    """An expert row must not erase the batch's behaviour log-probs: they stay, 0 on that row, and
+    has_behavior says which rows hold them (None only when no row has any)."""
     exps = _batch() + [Experience([1], [2, 3], source="expert")]
     b = collate(exps, PAD)
-    assert b.behavior_logp is None
+    assert b.behavior_logp is not None and b.behavior_logp[3].abs().sum() == 0
     assert b.has_behavior.tolist() == [True, True, True, False]
+    assert collate([Experience([1], [2], source="expert")], PAD).behavior_logp is None
     assert b.is_expert.tolist() == [False, False, False, True]
 
 
