@@ -48,21 +48,26 @@ START = ROOT / "tests" / "fixtures" / "tiny_addition_sft"
 RUNS = ROOT / "runs" / "bench_async"
 
 
-def overrides(mode: str, seed: int, steps: int, out: Path) -> list[str]:
-    common = [f"run.out_dir={out}", f"run.seed={seed}", "run.progress=false", f"policy.init={START}",
+def overrides(mode: str, seed: int, steps: int, out: Path, extra: list[str], async_threads: int) -> list[str]:
+    common = [*extra, f"run.out_dir={out}", f"run.seed={seed}", "run.progress=false", f"policy.init={START}",
               "sft.steps=0", f"rl.steps={steps}", "eval.every=2", "eval.samples=0", "eval.n_problems=300",
               "run.checkpoint_every=0"]
     if mode == "sync":
         return [*common, "run.mode=sync", "run.threads=2"]
-    return [*common, "run.mode=async", "run.threads=1", "async.num_workers=1", "async.worker_threads=1"]
+    return [*common, "run.mode=async", f"run.threads={async_threads}", "async.num_workers=1",
+            "async.worker_threads=1"]
 
 
-def run_one(mode: str, seed: int, steps: int) -> dict:
-    out = RUNS / f"{mode}_seed{seed}"
+def run_one(mode: str, seed: int, steps: int, extra: list[str], async_threads: int, name: str,
+            reuse: bool = False) -> dict:
+    out = RUNS / f"{name}_{mode}_seed{seed}"
+    if reuse and (out / "summary.json").exists():  # summarise a finished run again (same command, no rerun)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return summarize(mode, seed, rows, float("nan"))
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
     cmd = [sys.executable, "-m", "offpolicy.cli", "train", str(ROOT / "recipes" / "async.yaml"),
-           *overrides(mode, seed, steps, out)]
+           *overrides(mode, seed, steps, out, extra, async_threads)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
@@ -110,13 +115,13 @@ def ray_overhead() -> dict:
     import ray
 
     from offpolicy.policy.model import load_policy
-    from offpolicy.rollout.worker import Job, RolloutWorker, WorkerSpec
-    from offpolicy.train.rl import sampling_params
     from offpolicy.config import load_config
+    from offpolicy.rollout.worker import Job, RolloutWorker
+
+    from offpolicy.train.async_loop import spec_of
 
     policy = load_policy(START)
-    cfg = load_config(ROOT / "recipes" / "async.yaml")
-    spec = WorkerSpec("addition", {"min_digits": 2, "max_digits": 2}, None, None, sampling_params(cfg), 8)
+    spec = spec_of(load_config(ROOT / "recipes" / "async.yaml"))
     problems = __import__("offpolicy.data.tasks", fromlist=["make_task"]).make_task(
         "addition", min_digits=2, max_digits=2).problems(32, split="train", seed=1)
     result = RolloutWorker(policy, spec).run(Job(0, 0, problems, 1, "s0:"))
@@ -160,13 +165,17 @@ def main() -> None:
     ap.add_argument("--short", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--set", nargs="*", default=[], help="recipe overrides for both systems, e.g. rl.updates_per_step=1")
+    ap.add_argument("--async-threads", type=int, default=1, help="the async learner's torch threads")
+    ap.add_argument("--name", default="async", help="results file name (benchmarks/results/NAME.json)")
+    ap.add_argument("--reuse", action="store_true", help="summarise finished runs in runs/bench_async again")
     args = ap.parse_args()
     seeds = args.seeds if args.seeds is not None else ([0] if args.short else [0, 1, 2])
     steps = args.steps or (15 if args.short else 30)
     runs = []
     for seed in seeds:  # interleaved, so a change in the machine's load hits both systems alike
         for mode in ("sync", "async"):
-            runs.append(run_one(mode, seed, steps))
+            runs.append(run_one(mode, seed, steps, args.set, args.async_threads, args.name, args.reuse))
             print(f"{mode} seed {seed}: final {runs[-1]['final_acc']}, step {runs[-1]['step_s_median']:.2f} s",
                   flush=True)
     per_seed = []
@@ -178,14 +187,15 @@ def main() -> None:
                          "speedup": ts / ta if ts and ta else None,
                          "step_speedup": s["step_s_median"] / a["step_s_median"]})
     speedups = [p["speedup"] for p in per_seed if p["speedup"]]
+    command = " ".join(["python benchmarks/bench_async.py", *sys.argv[1:]])
     payload = {"benchmark": "async", "short": args.short, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-               "command": "python benchmarks/bench_async.py" + (" --short" if args.short else ""),
+               "command": command, "overrides_both": args.set, "async_learner_threads": args.async_threads,
                "recipe": "recipes/async.yaml", "start": str(START.relative_to(ROOT)), "steps": steps,
                "speedup_vs_sync": statistics.mean(speedups) if speedups else None,
                "speedup_vs_sync_per_seed": per_seed,
                "step_speedup_vs_sync": statistics.mean(p["step_speedup"] for p in per_seed),
                "ray_overhead": ray_overhead(), "runs": runs}
-    write_json("async", payload)
+    write_json(args.name, payload)
     rows = [[r["mode"], r["seed"], f"{r['start_acc']:.3f}", f"{r['final_acc']:.3f}", f"{r['step_s_median']:.2f}",
              f"{r['learner_idle_frac']:.2f}", f"{r['rollout_idle_frac']:.2f}", f"{r['setup_s']:.1f}"] for r in runs]
     print(markdown_table(["mode", "seed", "start", "final", "s/step (median)", "learner idle", "rollout idle",
