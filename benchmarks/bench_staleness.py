@@ -17,7 +17,9 @@ step, 4 updates of 64 groups per step (groups retire once S versions stale), lr 
 Objectives: ``ppo_clip`` (token PPO clipped against the behaviour policy, old_logp=behavior: the
 naive way to use stale data), ``decoupled_ppo`` (clip vs the proximal policy, behaviour IS weight),
 ``m2po`` (second-moment token masking), ``topr``, ``vcpo`` (with its ESS-scaled lr controller),
-``rec`` (REC-OneSide-NoIS) and ``cispo``, each with its defaults. Reported per run: final accuracy,
+``rec`` (REC-OneSide-NoIS: no importance weight by design) and ``cispo`` (clipped IS weight to the
+rollout policy, old_logp=behavior), each with its defaults. ``--losses`` reruns some and merges them
+into the existing JSON. Reported per run: final accuracy,
 mean sequence ESS (``offpolicy/ess``), mean clip fraction (``loss/clip_frac`` where the loss has one),
 mean staleness.
 
@@ -48,7 +50,7 @@ LOSSES = {  # loss -> its overrides
     "topr": ["rl.loss=topr", "rl.old_logp=proximal"],
     "vcpo": ["rl.loss=vcpo", "rl.old_logp=proximal", "rl.controllers={vcpo_lr: {}}"],
     "rec": ["rl.loss=rec", "rl.old_logp=proximal"],
-    "cispo": ["rl.loss=cispo", "rl.old_logp=proximal"],
+    "cispo": ["rl.loss=cispo", "rl.old_logp=behavior"],  # its ratio is to the rollout policy (MiniMax-M1)
 }
 
 
@@ -120,19 +122,25 @@ def main() -> None:
     ap.add_argument("--short", action="store_true")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--losses", nargs="*", default=None, help="rerun only these; other rows kept from the JSON")
     args = ap.parse_args()
     lags = [0, 4, 64] if args.short else [0, 1, 4, 16, 64]
     steps = args.steps or (12 if args.short else 20)
-    rows = []
+    rows, wanted = [], args.losses or list(LOSSES)
+    previous = ROOT / "benchmarks" / "results" / "staleness_sweep.json"
+    if args.losses and previous.exists():
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["loss"] not in wanted]
     for lag in lags:
-        for loss in LOSSES:
+        for loss in wanted:
             rows.append(run_one(loss, lag, steps, args.seed))
             r = rows[-1]
             print(f"{loss:14s} S={lag:3d}: acc {r.get('accuracy')}  ess {r.get('ess')}  {r.get('error', '')}",
                   flush=True)
     payload = {"benchmark": "staleness_sweep", "short": args.short, "date": time.strftime("%Y-%m-%d"),
                "machine": machine(), "command": "python benchmarks/bench_staleness.py" + (" --short" if args.short else ""),
-               "steps": steps, "rollouts_per_run": steps * 1024, "seed": args.seed, "lags": lags, "rows": rows}
+               "steps": steps, "rollouts_per_run": steps * 1024, "seed": args.seed, "lags": lags,
+               "rerun": args.losses, "rows": sorted(rows, key=lambda r: (list(LOSSES).index(r["loss"]),
+                                                                         r["max_staleness"]))}
     write_json("staleness_sweep", payload)
     plot(rows, lags)
     table = []

@@ -1,8 +1,8 @@
 """The rollout write-ahead log: experiences collected since the last checkpoint survive a kill -9.
 
 Every batch of groups a loop collects (a sync rollout step, one request of an async
-worker) is appended to ``rollouts.wal.jsonl`` in the run folder — flushed and
-fsynced — *before* anything learns from it. A checkpoint holds the replay buffer
+worker) is appended to ``rollouts.wal.jsonl`` in the run folder — written through to
+the OS — *before* anything learns from it (fsynced at each checkpoint). A checkpoint holds the replay buffer
 and the step counter; after it is written the log keeps only entries the
 checkpoint does not cover (steps not yet consumed). A resumed run reads the
 entries of the steps it has not consumed yet and feeds them to the learner instead
@@ -41,12 +41,20 @@ class RolloutWAL:
         self.path = Path(out_dir) / WAL_FILE
 
     def append(self, step: int, chunk: int, groups: list[list[Experience]], stats: dict[str, Any]) -> None:
+        """One line, written through to the OS before returning: a killed process (kill -9) loses nothing
+        the OS holds. ``fsync`` (surviving a machine crash too) runs in :meth:`sync` at each checkpoint,
+        not per append: it cost ~3 of the ~18 ms a 1,024-experience append takes."""
         line = json.dumps({"step": step, "chunk": chunk, "stats": stats,
-                           "groups": [[e.to_dict() for e in g] for g in groups]})
+                           "groups": [[e.to_dict() for e in g] for g in groups]},
+                          separators=(",", ":"), check_circular=False)
         with open(self.path, "a") as f:
             f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+
+    def sync(self) -> None:
+        """fsync the log (a checkpoint calls it): what it holds then survives a machine crash too."""
+        if self.path.exists():
+            with open(self.path, "a") as f:
+                os.fsync(f.fileno())
 
     def entries(self, from_step: int = 0) -> list[WalEntry]:
         """Complete entries of steps >= ``from_step``, in file order (a torn last line is skipped)."""

@@ -68,7 +68,7 @@ def sampling_params(cfg) -> SamplingParams:
 def collect(run: Run, parts: RLParts, groups: list[list[Experience]], stats: dict[str, Any], *,
             step: int, chunk: int = 0) -> None:
     """Make newly generated groups durable: the trainer's log-probs at the behaviour version where the
-    decoupled correction needs them, then the fsynced write-ahead log — before anything learns from them."""
+    decoupled correction needs them, then the write-ahead log — before anything learns from them."""
     if parts.snapshots is not None:
         parts.snapshots.attach_train_logprobs(groups, run.cfg.sampling.temperature)
     parts.wal.append(step, chunk, groups, stats)
@@ -178,6 +178,7 @@ def save(run: Run, parts: RLParts) -> None:
     context.checkpoint(run, {"learner": parts.learner.state_dict(), "buffer": parts.buffer.state_dict(),
                              "staleness": {str(k): v for k, v in parts.staleness.items()}})
     parts.wal.retain_from(run.state["step"])
+    parts.wal.sync()
 
 
 def write_staleness(run: Run, parts: RLParts) -> None:
