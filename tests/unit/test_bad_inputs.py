@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's TINY_RUN, also when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.conftest's TINY_RUN, also when run as a script
 from tests.conftest import TINY_RUN  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
