@@ -246,8 +246,9 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML recipe (or defaults), apply ``key=value`` overrides, validate."""
+def read_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A YAML recipe (or nothing) as a dict with ``key=value`` overrides applied, not yet validated.
+    Shared by :func:`load_config` and ``offpolicy.control``'s config."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -262,6 +263,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"recipe {p} must be a mapping of sections, got {type(data).__name__}")
     for text in overrides:
         apply_override(data, *parse_override(text))
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe (or defaults), apply ``key=value`` overrides, validate."""
+    data = read_recipe(path, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as e:

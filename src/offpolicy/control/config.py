@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from offpolicy.config import ConfigError, _yaml_load, apply_override, parse_override
+from offpolicy.config import ConfigError, read_recipe
 
 __all__ = ["ConfigError", "ControlConfig", "EnvConfig", "RunConfig", "Strict", "load_control_config"]
 
@@ -81,19 +81,7 @@ def _describe(err: ValidationError, prefix: str = "", algo: str = "", path=None)
 
 def load_control_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ControlConfig:
     """Read a YAML recipe (or defaults), apply ``key=value`` overrides, validate (hp included)."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"recipe {p} does not exist")
-        try:
-            data = _yaml_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {p} must be a mapping of sections, got {type(data).__name__}")
-    for text in overrides:
-        apply_override(data, *parse_override(text))
+    data = read_recipe(path, overrides)
     try:
         cfg = ControlConfig.model_validate(data)
     except ValidationError as e:
