@@ -16,6 +16,7 @@ read back from the write-ahead log instead of being generated again.
 
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Any
 
@@ -38,7 +39,7 @@ def train(cfg, resume: bool = False) -> dict[str, Any]:
         if run.state["stage"] == "sft":
             run_sft(run)
         if run.state["stage"] == "rl" and cfg.rl.steps:
-            LOOPS[cfg.run.mode](run)
+            run_loop(run)
         return finish(run)
     except TrainingDiverged as e:  # one line for the CLI, naming what the user keeps
         raise context.stopped(run, e) from None
@@ -47,25 +48,13 @@ def train(cfg, resume: bool = False) -> dict[str, Any]:
         run.console.close()
 
 
-def run_async(run: Run) -> None:
-    from offpolicy.train.async_loop import run_async as loop  # imports Ray only when asked for
-
-    loop(run)
+LOOPS = {"sync": "sync_loop", "async": "async_loop", "offline": "offline_loop"}  # run.mode -> module
 
 
-def run_offline(run: Run) -> None:
-    from offpolicy.train.offline_loop import run_offline as loop
-
-    loop(run)
-
-
-def run_sync(run: Run) -> None:
-    from offpolicy.train.sync_loop import run_sync as loop
-
-    loop(run)
-
-
-LOOPS = {"sync": run_sync, "async": run_async, "offline": run_offline}
+def run_loop(run: Run) -> None:
+    """The RL loop ``run.mode`` names, imported only when used (async brings Ray in)."""
+    mode = run.cfg.run.mode
+    getattr(importlib.import_module(f"offpolicy.train.{LOOPS[mode]}"), f"run_{mode}")(run)
 
 
 # ---- stage 1: supervised fine-tuning on expert traces ----------------------------------------
