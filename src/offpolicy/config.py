@@ -132,7 +132,8 @@ class RLConfig(_Strict):
     steps: int = Field(0, ge=0)  # rollout steps (0 = skip the stage); each is followed by `updates_per_step` updates
     prompts_per_step: int = Field(128, ge=1)  # prompts sampled per rollout step
     group_size: int = Field(8, ge=1)  # responses per prompt (a group)
-    updates_per_step: int = Field(1, ge=1)  # optimizer updates after each rollout step
+    updates_per_step: int = Field(1, ge=1)  # optimizer updates after each rollout step (at most, with min_ess)
+    min_ess: float | None = Field(None, gt=0, le=1)  # end a step's updates once a batch's ESS (behaviour -> current) is below this
     groups_per_update: int = Field(128, ge=1)  # groups sampled from the buffer for one update
     loss: str = "ppo_clip"  # a name in POLICY_LOSSES
     loss_params: dict[str, Any] = Field(default_factory=dict)  # hyperparameters of the loss
@@ -197,6 +198,9 @@ class Config(_Strict):
                              f"the context policy.max_len={p.max_len}")
         if self.run.mode == "offline" and not self.offline.path:
             raise ValueError("run.mode=offline needs offline.path (the experiences to learn from)")
+        if rl.min_ess is not None and self.run.mode == "async":
+            raise ValueError("rl.min_ess (ending a step's updates early) is not supported with run.mode=async: "
+                             "its admission control plans exactly rl.updates_per_step updates per step")
         if self.run.ray_address is not None and self.run.mode != "async":
             raise ValueError(f"run.ray_address is only used with run.mode=async (got run.mode={self.run.mode})")
         return self

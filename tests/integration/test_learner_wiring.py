@@ -150,3 +150,20 @@ def test_resume_keeps_the_kl_reference(tmp_path, tiny_config, reward_spec):
     _, sft_state = load_checkpoint(out / "checkpoints" / "sft")
     start = load_policy(out / "checkpoints" / "sft").model.state_dict()
     assert all(torch.equal(ref[k], start[k]) for k in start)
+
+
+def test_min_ess_ends_a_steps_updates_early(tmp_path, tiny_config, reward_spec):
+    """With lr 1e-2 the first update moves the policy off the stored groups; a strict rl.min_ess then ends
+    the step's updates after the first batch whose ESS is below it, while no bound runs all of them."""
+    _, free = run(tmp_path, tiny_config, reward_spec, "free", "rl.updates_per_step=6", "rl.old_logp=behavior",
+                  "rl.buffer.max_staleness=32")
+    assert all(r["train/updates"] == 6 for r in free)
+    _, capped = run(tmp_path, tiny_config, reward_spec, "capped", "rl.updates_per_step=6", "rl.old_logp=behavior",
+                    "rl.min_ess=0.9999", "rl.buffer.max_staleness=32")
+    assert all(1 <= r["train/updates"] < 6 for r in capped)
+    assert all(r["offpolicy/ess"] < 1.0 for r in capped)
+
+
+def test_min_ess_is_refused_in_async_mode(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="rl.min_ess"):
+        tiny_config(tmp_path, "rl.min_ess=0.5", "run.mode=async")

@@ -120,7 +120,8 @@ def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
 def learn(run: Run, parts: RLParts,
           after_update: Callable[[list[Group]], None] | None = None) -> list[dict[str, torch.Tensor]]:
     """``rl.updates_per_step`` updates, each on ``rl.groups_per_update`` groups drawn from the buffer
-    (fewer if it holds fewer; none if it is empty). ``after_update(groups)`` runs after each optimizer
+    (fewer if it holds fewer; none if it is empty; fewer once a batch's ESS is below ``rl.min_ess``).
+    ``after_update(groups)`` runs after each optimizer
     step with the groups it learned from (the async loop records them and broadcasts weights there)."""
     rl, learner, buffer = run.cfg.rl, parts.learner, parts.buffer
     per_update = []
@@ -135,9 +136,18 @@ def learn(run: Run, parts: RLParts,
             parts.snapshots.record(learner.version, run.policy)
         if after_update is not None:
             after_update(chosen)
+        if reuse_spent(rl.min_ess, per_update[-1]):
+            break
     learner.end_rollout_step()
     buffer.sampling_params.update(learner.sampler_params())  # a controller may drive the data mix (ReMix)
     return per_update
+
+
+def reuse_spent(min_ess: float | None, metrics: dict[str, torch.Tensor]) -> bool:
+    """Whether the step's remaining updates are skipped: the last batch's sequence-level ESS of the
+    behaviour -> current weights fell below ``min_ess``, so the stored groups no longer describe the
+    policy well (reuse adapts to how far the updates moved it, not to a fixed count)."""
+    return min_ess is not None and "offpolicy/ess" in metrics and float(metrics["offpolicy/ess"]) < min_ess
 
 
 def count_staleness(hist: Counter, versions: torch.Tensor, mask: torch.Tensor, version: int,
