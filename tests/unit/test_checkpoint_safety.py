@@ -285,3 +285,14 @@ def test_a_kill_while_replacing_a_checkpoint_restores_the_old_copy(tiny_policy, 
         assert {p.name for p in touched} == {".final.old", ".final.tmp-q"}
         assert latest_checkpoint(tmp_path) == final and load_checkpoint(final)[1]["step"] == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "latest"]
+
+
+def test_load_policy_checks_a_training_checkpoints_manifest(tiny_policy, tmp_path):
+    """`offpolicy eval` and `policy.init` load weights with load_policy: a damaged checkpoint is refused there too."""
+    from offpolicy.policy.model import load_policy
+
+    path = save_checkpoint(tmp_path, "final", tiny_policy, {"step": 1})
+    load_policy(path)
+    flip(path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{path / 'model.safetensors'}: .*sha256 differs"):
+        load_policy(path)

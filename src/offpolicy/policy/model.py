@@ -130,6 +130,10 @@ def load_policy(path: str | Path, *, dtype: str = "float32") -> Policy:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
         if cfg.get("model_type") == "offpolicy-tiny":
+            if (p / "manifest.json").exists():  # a training checkpoint: its checksums are checked first
+                from offpolicy.train.checkpoint import verify_checkpoint
+
+                verify_checkpoint(p)
             return _load_tiny(p, cfg)
     elif p.is_dir():
         raise CheckpointError(f"{p} has no config.json: not a tiny or Hugging Face checkpoint folder")
