@@ -61,12 +61,12 @@ def eval_cmd(
     checkpoint: str = typer.Argument(..., help="checkpoint folder (or Hugging Face id)"),
     task: str = typer.Option(..., "--task", help="task name, e.g. addition or reasoning_gym:chain_sum"),
     params: Optional[List[str]] = typer.Option(None, "--param", help="task parameter key=value (repeatable)"),
-    n: int = typer.Option(500, "--n", help="held-out problems"),
-    samples: int = typer.Option(8, "--samples", "-k", help="samples per problem for sampled accuracy and pass@k"),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    max_new_tokens: int = typer.Option(8, "--max-new-tokens"),
+    n: int = typer.Option(500, "--n", min=1, help="held-out problems"),
+    samples: int = typer.Option(8, "--samples", "-k", min=0, help="samples per problem for sampled accuracy and pass@k"),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(2, "--threads"),
+    threads: int = typer.Option(2, "--threads", min=1),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Held-out accuracy of a checkpoint: greedy, sampled, and pass@k."""
@@ -79,6 +79,8 @@ def eval_cmd(
     from offpolicy.train.evaluate import evaluate
 
     try:
+        if temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 (greedy accuracy is always reported), got {temperature}")
         torch.set_num_threads(threads)
         kw = {}
         for text in params or []:
@@ -100,11 +102,11 @@ def ope(
     checkpoint: str = typer.Argument(..., help="the target policy: checkpoint folder (or Hugging Face id)"),
     experiences: Path = typer.Option(..., "--experiences", help="logged experiences (.jsonl, e.g. a run's "
                                      "experiences.jsonl written with run.save_experiences=true, or .parquet)"),
-    temperature: float = typer.Option(1.0, "--temperature", help="the temperature the target policy would sample at"),
-    clip: Optional[float] = typer.Option(None, "--clip", help="cap on importance weights"),
-    level: float = typer.Option(0.95, "--level", help="confidence level of the intervals"),
-    bootstrap: int = typer.Option(0, "--bootstrap", help="bootstrap resamples (0 = normal intervals only)"),
-    threads: int = typer.Option(2, "--threads"),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="the temperature the target policy would sample at"),
+    clip: Optional[float] = typer.Option(None, "--clip", min=0.0, help="cap on importance weights"),
+    level: float = typer.Option(0.95, "--level", min=0.0, max=1.0, help="confidence level of the intervals"),
+    bootstrap: int = typer.Option(0, "--bootstrap", min=0, help="bootstrap resamples (0 = normal intervals only)"),
+    threads: int = typer.Option(2, "--threads", min=1),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Off-policy evaluation: the target policy's expected reward estimated from logged experiences."""
@@ -115,6 +117,10 @@ def ope(
     from offpolicy.policy.model import load_policy
 
     try:
+        for flag, value, ok in (("--temperature", temperature, temperature > 0),
+                                ("--clip", clip, clip is None or clip > 0), ("--level", level, 0 < level < 1)):
+            if not ok:
+                raise ValueError(f"{flag} must be {'in (0, 1)' if flag == '--level' else '> 0'}, got {value}")
         torch.set_num_threads(threads)
         if not experiences.is_file():  # before loading a model that may be large
             raise FileNotFoundError(f"experience file not found: {experiences}")

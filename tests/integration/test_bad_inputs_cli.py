@@ -7,6 +7,7 @@ Real bugs are not user errors: they still end in a traceback.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -76,3 +77,21 @@ def test_permission_error_while_training_is_one_line(tmp_path, monkeypatch, tiny
     recipe.write_text("{}\n")
     result = CliRunner().invoke(app, ["train", str(recipe), *tiny_overrides(tmp_path / "run")])
     assert result.exit_code == 2 and "Permission denied" in result.stderr and "metrics.jsonl" in result.stderr
+
+
+FIXTURE = str(Path(__file__).resolve().parents[1] / "fixtures" / "tiny_addition_sft")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", FIXTURE, "--task", "addition", "--n", "0"], "--n"),
+    (["eval", FIXTURE, "--task", "addition", "--samples", "-1"], "--samples"),
+    (["eval", FIXTURE, "--task", "addition", "--temperature", "0"], "--temperature must be > 0"),
+    (["eval", FIXTURE, "--task", "addition", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["ope", FIXTURE, "--experiences", "x.jsonl", "--level", "1"], "--level must be in \\(0, 1\\)"),
+    (["ope", FIXTURE, "--experiences", "x.jsonl", "--clip", "0"], "--clip must be > 0"),
+    (["ope", FIXTURE, "--experiences", "x.jsonl", "--bootstrap", "-2"], "--bootstrap"),
+])
+def test_eval_and_ope_flags_out_of_range_are_refused_naming_the_flag(args, message):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert re.search(message, result.output)
