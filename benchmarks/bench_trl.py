@@ -14,8 +14,8 @@ is an offpolicy tiny-model checkpoint; ``--task NAME`` / ``--task-params JSON`` 
 of the run that wrote it (``<run>/config.yaml`` next to ``<run>/checkpoints/DIR``) and are passed to
 every system (``make_task(NAME, **params)``; our recipes get ``task.name``/``task.params``
 overrides); ``--max-new-tokens`` defaults to that run's ``sampling.max_new_tokens``, else the
-longest answer + 1 (EOS); ``policy.max_len`` is the checkpoint's context, and the longest prompt +
-``max_new_tokens`` must fit in it. Another task or start writes ``trl_comparison[_full]_<task>.json``
+longest answer + 1 (EOS); the recipes' ``policy.{d_model,n_layers,n_heads,max_len}`` are set to the
+checkpoint's, and the longest prompt + ``max_new_tokens`` must fit in its ``max_len``. Another task or start writes ``trl_comparison[_full]_<task>.json``
 and runs in ``runs/bench_trl/<task>/`` unless ``--name`` / ``--work`` say otherwise.
 
 All systems start from the same weights: the shipped SFT checkpoint
@@ -142,8 +142,9 @@ def run_spec(start: Path, task_name: str | None, task_params: dict | None,
     The task and ``max_new_tokens`` come from the flags, else from the start checkpoint's run
     (``<run>/config.yaml`` for a checkpoint in ``<run>/checkpoints/``), else -- for the shipped fixture --
     2-digit addition with 6 tokens; a task without either gets its longest answer (over 512 train
-    problems) + 1 for EOS. ``max_len`` is the checkpoint's context: the longest prompt (train sample
-    and every eval set) + ``max_new_tokens`` must fit in it.
+    problems) + 1 for EOS. ``shape`` is the checkpoint's (the recipes' ``policy.*`` sizes must match
+    it); ``max_len`` is its context: the longest prompt (of 512 train problems) + ``max_new_tokens``
+    must fit in it.
     """
     import yaml
 
@@ -179,14 +180,16 @@ def run_spec(start: Path, task_name: str | None, task_params: dict | None,
     tok = policy.tokenizer
     sample = t.problems(512, split="train", seed=0)
     new = max_new_tokens or default_new or max(len(tok.encode(p.answer)) for p in sample) + 1
-    max_len = policy.model.cfg.max_len
+    c = policy.model.cfg
+    max_len = c.max_len
     longest = max(len(tok.encode(p.prompt)) for p in sample)
     if longest + new > max_len:
         raise SystemExit(f"--start {start} has max_len={max_len}: prompts of up to {longest} tokens + "
                          f"max_new_tokens={new} do not fit")
     init = start.resolve()
     return {"task": task, "init": str(init.relative_to(ROOT)) if init.is_relative_to(ROOT) else str(init),
-            "max_new_tokens": new, "max_len": max_len, "longest_train_prompt": longest}
+            "max_new_tokens": new, "max_len": max_len, "longest_train_prompt": longest,
+            "shape": {"d_model": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads, "max_len": max_len}}
 
 
 def peak_rss_mb() -> float:
@@ -222,7 +225,7 @@ def run_ours(label: str, seed: int, s: dict[str, Any], out: Path) -> dict[str, A
 
     learner_mod.Learner.update = counted
     P, G = s["prompts_per_step"], s["group_size"]
-    overrides = [f"policy.init={ROOT / s['init']}", f"policy.max_len={s['max_len']}",
+    overrides = [f"policy.init={ROOT / s['init']}", *(f"policy.{k}={v}" for k, v in s["shape"].items()),
                  f"task.name={s['task']['name']}", f"task.params={json.dumps(s['task']['params'])}",
                  "sft.steps=0", f"rl.steps={s['ours_steps'][label]}",
                  f"rl.prompts_per_step={P}", f"rl.group_size={G}", f"sampling.max_new_tokens={s['max_new_tokens']}",
