@@ -583,6 +583,17 @@ def generation_limit() -> dict[str, Any]:
                                                    f"short={gen.get('short')}; bench_generation.py)"}
 
 
+def json_object(text: str) -> dict:
+    """``--task-params``: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"min_terms\": 2}}', got {text!r}")
+    return value
+
+
 def mean(xs: list[float | None]) -> float | None:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
@@ -605,7 +616,7 @@ def main() -> None:
     ap.add_argument("--task", type=str, default=None,
                     help="task name, e.g. reasoning_gym:chain_sum (default: the start checkpoint's run's task; "
                          "2-digit addition for the shipped fixture)")
-    ap.add_argument("--task-params", type=json.loads, default=None,
+    ap.add_argument("--task-params", type=json_object, default=None,
                     help='task parameters as JSON, e.g. \'{"min_terms": 2, "max_terms": 2}\'')
     ap.add_argument("--start", type=Path, default=SFT,
                     help="offpolicy checkpoint folder every system starts from (default: the addition fixture)")
