@@ -6,6 +6,17 @@
     PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py --seeds 3 --first-seed 9   # seeds 9-11
     PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py --reuse --seeds 12 --name trl_comparison_pooled
                                                                       # all 12 seeds' runs, one target
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_trl.py --short --start runs/sft_chain_sum/checkpoints/sft \
+        --task reasoning_gym:chain_sum --task-params '{"min_terms": 2, "max_terms": 2, "instruction": ""}'
+
+Any task and start (defaults: 2-digit addition from the fixture below, unchanged): ``--start DIR``
+is an offpolicy tiny-model checkpoint; ``--task NAME`` / ``--task-params JSON`` default to the task
+of the run that wrote it (``<run>/config.yaml`` next to ``<run>/checkpoints/DIR``) and are passed to
+every system (``make_task(NAME, **params)``; our recipes get ``task.name``/``task.params``
+overrides); ``--max-new-tokens`` defaults to that run's ``sampling.max_new_tokens``, else the
+longest answer + 1 (EOS); the recipes' ``policy.{d_model,n_layers,n_heads,max_len}`` are set to the
+checkpoint's, and the longest prompt + ``max_new_tokens`` must fit in its ``max_len``. Another task or start writes ``trl_comparison[_full]_<task>.json``
+and runs in ``runs/bench_trl/<task>/`` unless ``--name`` / ``--work`` say otherwise.
 
 All systems start from the same weights: the shipped SFT checkpoint
 ``tests/fixtures/tiny_addition_sft`` (0.41M-parameter tiny GPT, ~28% held-out greedy accuracy on
@@ -17,7 +28,11 @@ step, completions per prompt, completion length (6 tokens), temperature 1, learn
 
 - ``trl``: ``trl.GRPOTrainer`` on CPU with ``transformers.generate`` (no vLLM), ``beta=0``,
   ``loss_type="grpo"`` (per-sequence mean, like our ``grpo`` loss), group-std-scaled rewards,
-  one optimizer step per generation batch, reward = ``task.score``;
+  one optimizer step per generation batch, reward = ``task.score`` on the original ``Problem`` (looked
+  up by a ``problem_id`` dataset column, which TRL passes to the reward function), as our runner scores;
+  TRL scores completions with a forward given no ``position_ids``, so its model is patched with
+  ``offpolicy.policy.export.positions_from_mask`` (left-padded prompts numbered from the attention mask;
+  ``tests/integration/test_trl_parity.py`` checks TRL's per-token log-probs equal ours);
 - ``grpo_onpolicy``: ``recipes/grpo_onpolicy.yaml`` (one update per rollout step on the fresh groups);
 - ``quickstart``: ``recipes/quickstart.yaml`` (off-policy: 4 updates per step, each on half the new
   number of groups, drawn from a replay buffer of groups at most 4 versions stale, PPO clip against
@@ -92,8 +107,9 @@ COLORS = {"trl": "tab:red", "grpo_onpolicy": "tab:blue", "quickstart": "tab:gree
           "opmd_replay": "tab:olive", "decoupled_tis": "tab:gray", "topr_reuse": "tab:purple",
           "psr_reuse": "tab:orange"}
 GAINS = (0.10, 0.20, 0.30)  # targets reported from the same runs (the headline is --gain, default 0.20)
-TASK = {"name": "addition", "params": {"min_digits": 2, "max_digits": 2}}
-MAX_NEW_TOKENS, TEMPERATURE, LR = 6, 1.0, 1e-4
+TASK = {"name": "addition", "params": {"min_digits": 2, "max_digits": 2}}  # the default task (with SFT)
+MAX_NEW_TOKENS, TEMPERATURE, LR = 6, 1.0, 1e-4  # MAX_NEW_TOKENS: the default task's; others: see run_spec
+DEFAULT_TITLE = "2-digit addition, 0.41M tiny GPT from SFT"
 
 SHORT = {"prompts_per_step": 128, "group_size": 8, "eval_problems": 300, "eval_every": 1,
          "ours_steps": {"grpo_onpolicy": 60, "quickstart": 30, "rec_replay": 30, "opmd_replay": 30, "decoupled_tis": 30,
@@ -104,18 +120,76 @@ FULL = {**SHORT, "ours_steps": {"grpo_onpolicy": 100, "quickstart": 40, "rec_rep
         "trl_max_steps": 800}
 
 
-def start_accuracy(seed: int, n: int) -> float:
-    """Held-out greedy accuracy of the SFT checkpoint on the eval set every system uses for ``seed``."""
+def start_accuracy(seed: int, s: dict[str, Any]) -> float:
+    """Held-out greedy accuracy of the start checkpoint on the eval set every system uses for ``seed``."""
     from offpolicy.data.tasks import make_task
     from offpolicy.policy.model import load_policy
     from offpolicy.rollout.engines import TinyEngine
     from offpolicy.train.evaluate import evaluate
 
-    task = make_task(TASK["name"], **TASK["params"])
-    problems = task.problems(n, split="eval", seed=eval_seed(seed))
-    policy = load_policy(SFT)
+    task = make_task(s["task"]["name"], **s["task"]["params"])
+    problems = task.problems(s["eval_problems"], split="eval", seed=eval_seed(seed))
+    policy = load_policy(ROOT / s["init"])
     engine = TinyEngine(policy)
-    return evaluate(engine, policy.tokenizer, problems, task.score, max_new_tokens=MAX_NEW_TOKENS, samples=0)["eval/greedy_acc"]
+    return evaluate(engine, policy.tokenizer, problems, task.score, max_new_tokens=s["max_new_tokens"],
+                    samples=0)["eval/greedy_acc"]
+
+
+def run_spec(start: Path, task_name: str | None, task_params: dict | None,
+             max_new_tokens: int | None) -> dict[str, Any]:
+    """Start checkpoint, task and sizes every system shares, checked before any run.
+
+    The task and ``max_new_tokens`` come from the flags, else from the start checkpoint's run
+    (``<run>/config.yaml`` for a checkpoint in ``<run>/checkpoints/``), else -- for the shipped fixture --
+    2-digit addition with 6 tokens; a task without either gets its longest answer (over 512 train
+    problems) + 1 for EOS. ``shape`` is the checkpoint's (the recipes' ``policy.*`` sizes must match
+    it); ``max_len`` is its context: the longest prompt (of 512 train problems) + ``max_new_tokens``
+    must fit in it.
+    """
+    import yaml
+
+    from offpolicy.data.tasks import make_task
+    from offpolicy.policy.model import load_policy
+
+    policy = load_policy(start)
+    if policy.kind != "tiny":
+        raise SystemExit(f"--start {start}: bench_trl compares on the built-in tiny model, got a {policy.kind!r} policy")
+    run_cfg = start.parent.parent / "config.yaml" if start.parent.name == "checkpoints" else None
+    recorded = yaml.safe_load(run_cfg.read_text()) if run_cfg and run_cfg.exists() else None
+    if recorded:
+        task = {"name": recorded["task"]["name"], "params": recorded["task"].get("params") or {}}
+        default_new = recorded["sampling"]["max_new_tokens"]
+    elif start.resolve() == SFT.resolve():
+        task, default_new = TASK, MAX_NEW_TOKENS
+    else:
+        task, default_new = None, None
+    if task_name is not None:  # an explicit task keeps the recorded max_new_tokens only if it is the same task
+        if task is None or task_name != task["name"] or (task_params or {}) != task["params"]:
+            default_new = None
+        task = {"name": task_name, "params": task_params or {}}
+    elif task_params is not None:
+        if task is None:
+            raise SystemExit("--task-params needs --task (the start checkpoint records no task)")
+        task = {"name": task["name"], "params": task_params}
+    if task is None:
+        raise SystemExit(f"--start {start}: no run config.yaml next to it names a task: give --task")
+    try:
+        t = make_task(task["name"], **task["params"])
+    except (KeyError, ValueError, ImportError) as e:
+        raise SystemExit(f"--task {task['name']} --task-params {json.dumps(task['params'])}: {e}") from None
+    tok = policy.tokenizer
+    sample = t.problems(512, split="train", seed=0)
+    new = max_new_tokens or default_new or max(len(tok.encode(p.answer)) for p in sample) + 1
+    c = policy.model.cfg
+    max_len = c.max_len
+    longest = max(len(tok.encode(p.prompt)) for p in sample)
+    if longest + new > max_len:
+        raise SystemExit(f"--start {start} has max_len={max_len}: prompts of up to {longest} tokens + "
+                         f"max_new_tokens={new} do not fit")
+    init = start.resolve()
+    return {"task": task, "init": str(init.relative_to(ROOT)) if init.is_relative_to(ROOT) else str(init),
+            "max_new_tokens": new, "max_len": max_len, "longest_train_prompt": longest,
+            "shape": {"d_model": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads, "max_len": max_len}}
 
 
 def peak_rss_mb() -> float:
@@ -151,8 +225,10 @@ def run_ours(label: str, seed: int, s: dict[str, Any], out: Path) -> dict[str, A
 
     learner_mod.Learner.update = counted
     P, G = s["prompts_per_step"], s["group_size"]
-    overrides = [f"policy.init={SFT}", "sft.steps=0", f"rl.steps={s['ours_steps'][label]}",
-                 f"rl.prompts_per_step={P}", f"rl.group_size={G}", f"sampling.max_new_tokens={MAX_NEW_TOKENS}",
+    overrides = [f"policy.init={ROOT / s['init']}", *(f"policy.{k}={v}" for k, v in s["shape"].items()),
+                 f"task.name={s['task']['name']}", f"task.params={json.dumps(s['task']['params'])}",
+                 "sft.steps=0", f"rl.steps={s['ours_steps'][label]}",
+                 f"rl.prompts_per_step={P}", f"rl.group_size={G}", f"sampling.max_new_tokens={s['max_new_tokens']}",
                  f"sampling.temperature={TEMPERATURE}", f"rl.optim.lr={LR}",
                  f"eval.every={s['eval_every']}", f"eval.n_problems={s['eval_problems']}", "eval.samples=0",
                  "run.checkpoint_every=0", "run.progress=false", "run.threads=2",
@@ -211,12 +287,12 @@ def run_trl(seed: int, s: dict[str, Any], out: Path, target: float | None) -> di
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from offpolicy.data.tasks import Problem, make_task
-    from offpolicy.policy.export import export_hf
+    from offpolicy.data.tasks import make_task
+    from offpolicy.policy.export import export_hf, positions_from_mask
     from offpolicy.policy.hf import HFTokenizer
     from offpolicy.policy.model import Policy
     from offpolicy.rollout.engines import HFEngine
@@ -225,33 +301,37 @@ def run_trl(seed: int, s: dict[str, Any], out: Path, target: float | None) -> di
     torch.set_num_threads(2)
     if out.exists():
         shutil.rmtree(out)
-    hf_dir = export_hf(SFT, out / "exported_sft")
+    hf_dir = export_hf(ROOT / s["init"], out / "exported_sft")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(hf_dir)
-    task = make_task(TASK["name"], **TASK["params"])
+    # TRL scores completions with a forward given no position_ids: number left-padded prompts from the mask
+    model = positions_from_mask(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32))
+    task = make_task(s["task"]["name"], **s["task"]["params"])
     P, G = s["prompts_per_step"], s["group_size"]
     train_problems = task.problems(P * s["trl_max_steps"], split="train", seed=seed)
     eval_problems = task.problems(s["eval_problems"], split="eval", seed=eval_seed(seed))
+    by_id = {p.id: p for p in train_problems}  # TRL hands extra dataset columns to the reward as keywords
     dataset = Dataset.from_dict({"prompt": [p.prompt for p in train_problems],
-                                 "answer": [p.answer for p in train_problems]})
+                                 "problem_id": [p.id for p in train_problems]})
     counts = {"completions": 0, "tokens": 0, "reward_calls": 0}
 
-    def addition_reward(prompts, completions, completion_ids, answer, **_):
+    def task_reward(prompts, completions, completion_ids, problem_id, **_):
+        """The task's own verifier on the original Problem, as our runner calls it (``task.score``)."""
         counts["completions"] += len(completions)
         counts["tokens"] += sum(len(c) for c in completion_ids)  # includes EOS, like our engines' counts
         counts["reward_calls"] += 1
-        return [task.score(Problem("", p, a), c) for p, c, a in zip(prompts, completions, answer)]
+        return [task.score(by_id[i], c) for i, c in zip(problem_id, completions)]
 
     args = GRPOConfig(
         output_dir=str(out / "trainer"), per_device_train_batch_size=P * G, num_generations=G,
         gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
-        max_completion_length=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, top_k=0,
+        max_completion_length=s["max_new_tokens"], temperature=TEMPERATURE, top_p=1.0, top_k=0,
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         beta=0.0, loss_type="grpo", scale_rewards="group", epsilon=0.2,
         max_steps=s["trl_max_steps"], logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, use_vllm=False,
         seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
     )
-    trainer = GRPOTrainer(model=str(hf_dir), reward_funcs=addition_reward, args=args, train_dataset=dataset,
+    trainer = GRPOTrainer(model=model, reward_funcs=task_reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer)
     torch.set_num_threads(2)
     model = trainer.model
@@ -274,7 +354,8 @@ def run_trl(seed: int, s: dict[str, Any], out: Path, target: float | None) -> di
         m.eval()
         policy = Policy(m, HFTokenizer(tokenizer), "hf")
         engine = HFEngine(policy, max_batch=len(eval_problems))  # a copy of TRL's current weights
-        acc = evaluate(engine, policy.tokenizer, eval_problems, task.score, max_new_tokens=MAX_NEW_TOKENS, samples=0)["eval/greedy_acc"]
+        acc = evaluate(engine, policy.tokenizer, eval_problems, task.score, max_new_tokens=s["max_new_tokens"],
+                       samples=0)["eval/greedy_acc"]
         m.train(was)
         gen["evaluating"] = False
         return acc
@@ -502,6 +583,17 @@ def generation_limit() -> dict[str, Any]:
                                                    f"short={gen.get('short')}; bench_generation.py)"}
 
 
+def json_object(text: str) -> dict:
+    """``--task-params``: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"min_terms\": 2}}', got {text!r}")
+    return value
+
+
 def mean(xs: list[float | None]) -> float | None:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
@@ -521,11 +613,24 @@ def main() -> None:
                     help="seeds first..first+N-1 (e.g. 3 to check recipes on seeds they were not tuned on)")
     ap.add_argument("--trl-max-steps", type=int, default=None)
     ap.add_argument("--gain", type=float, default=0.20, help="target = mean start accuracy + gain")
-    ap.add_argument("--work", type=Path, default=None, help="run folder (default runs/bench_trl/{short,full})")
+    ap.add_argument("--task", type=str, default=None,
+                    help="task name, e.g. reasoning_gym:chain_sum (default: the start checkpoint's run's task; "
+                         "2-digit addition for the shipped fixture)")
+    ap.add_argument("--task-params", type=json_object, default=None,
+                    help='task parameters as JSON, e.g. \'{"min_terms": 2, "max_terms": 2}\'')
+    ap.add_argument("--start", type=Path, default=SFT,
+                    help="offpolicy checkpoint folder every system starts from (default: the addition fixture)")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="completion length (default: the start's run's, else the longest answer + 1)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="run folder (default runs/bench_trl/{short,full}; runs/bench_trl/<task>/... for other tasks)")
+    ap.add_argument("--max-wait-for-quiet-s", type=float, default=None,
+                    help="before each run, wait at most this long for idle cores (default 60)")
     ap.add_argument("--reuse", action="store_true",
                     help="summarise finished runs found in --work instead of re-running them")
     ap.add_argument("--name", type=str, default=None,
-                    help="results file name without .json (e.g. trl_comparison_pooled with --reuse --seeds 12)")
+                    help="results file name without .json (e.g. trl_comparison_pooled with --reuse --seeds 12; "
+                         "default trl_comparison[_full], with _<task> for other tasks or starts)")
     # internal: one system in its own process
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -545,6 +650,12 @@ def main() -> None:
         return
 
     s = json.loads(json.dumps(SHORT if a.short else FULL))
+    spec = run_spec(a.start, a.task, a.task_params, a.max_new_tokens)
+    s.update(spec)
+    default_run = spec["task"] == TASK and a.start.resolve() == SFT.resolve()
+    slug = "" if default_run else "_" + "".join(c if c.isalnum() else "_" for c in spec["task"]["name"])
+    s["title"] = DEFAULT_TITLE if default_run else (
+        f"{spec['task']['name']} {json.dumps(spec['task']['params'])}, tiny GPT from {spec['init']}")
     if a.prompts_per_step:
         s["prompts_per_step"] = a.prompts_per_step
     if a.group_size:
@@ -553,6 +664,8 @@ def main() -> None:
         s["trl_budget_s"] = a.trl_budget_s
     if a.trl_max_steps:
         s["trl_max_steps"] = a.trl_max_steps
+    if a.max_wait_for_quiet_s is not None:
+        s["max_wait_for_quiet_s"] = a.max_wait_for_quiet_s
     if a.ours_steps:
         for item in a.ours_steps.split(","):
             label, _, steps = item.partition("=")
@@ -561,13 +674,13 @@ def main() -> None:
             s["ours_steps"][label] = int(steps)
     n_seeds = a.seeds or (1 if a.short else 3)
     seed_list = list(range(a.first_seed, a.first_seed + n_seeds))
-    a.work = a.work or ROOT / "runs" / "bench_trl" / ("short" if a.short else "full")
+    a.work = a.work or ROOT / "runs" / "bench_trl" / slug.lstrip("_") / ("short" if a.short else "full")
     a.work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
     # the start accuracy (same weights and held-out set for all three) fixes the targets before any run;
     # systems then alternate seed by seed, so a burst of other jobs on the shared cores is spread over them
-    starts = [start_accuracy(seed, s["eval_problems"]) for seed in seed_list]
+    starts = [start_accuracy(seed, s) for seed in seed_list]
     start = mean(starts)
     target = round(start + a.gain, 4)
     gains = sorted({*GAINS, a.gain})
@@ -634,7 +747,7 @@ def main() -> None:
                              *(x for x in sys.argv[1:] if x != "--reuse")]),
         "summarised_from_earlier_runs": a.reuse,
         "machine": m, "seeds": len(seed_list), "seed_list": seed_list,
-        "settings": {"task": TASK, "init": str(SFT.relative_to(ROOT)), "max_new_tokens": MAX_NEW_TOKENS,
+        "settings": {"task": s["task"], "init": s["init"], "max_new_tokens": s["max_new_tokens"],
                      "temperature": TEMPERATURE, "lr": LR, **s},
         "start_accuracy": start, "start_accuracy_per_seed": starts, "trl_start_accuracy": trl_start,
         "target_accuracy": target, "target_rule": f"mean held-out greedy accuracy at the start of RL + {a.gain}",
@@ -664,7 +777,7 @@ def main() -> None:
         "runs_seconds": round(sum(r.get("process_seconds", 0) + r.get("waited_for_quiet_s", 0)
                                   for k in SYSTEMS for r in runs[k]), 1),
     }
-    name = a.name or (("trl_comparison" if a.short else "trl_comparison_full")
+    name = a.name or (("trl_comparison" if a.short else "trl_comparison_full") + slug
                       + (f"_from_seed{a.first_seed}" if a.first_seed else ""))
     payload["plot"] = str(plot(payload, RESULTS / f"{name}.png").relative_to(ROOT))
     if a.reuse and a.name:  # a summary of stored runs: their curves and records stay in the per-set files
@@ -696,7 +809,7 @@ def plot(p: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out greedy accuracy")
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"2-digit addition, 0.41M tiny GPT from SFT, {p['settings']['prompts_per_step']} prompts x "
+    fig.suptitle(f"{p['settings'].get('title', DEFAULT_TITLE)}, {p['settings']['prompts_per_step']} prompts x "
                  f"{p['settings']['group_size']} per step, lr {p['settings']['lr']}, {p['seeds']} seed(s)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from offpolicy.policy.export import export_hf, to_gpt2, to_hf_tokenizer  # noqa: E402
+from offpolicy.policy.export import export_hf, positions_from_mask, to_gpt2, to_hf_tokenizer  # noqa: E402
 from offpolicy.policy.model import CheckpointError, build_tiny, load_policy  # noqa: E402
 from offpolicy.policy.tiny import TinyConfig  # noqa: E402
 from offpolicy.policy.tokenizer import CharTokenizer  # noqa: E402
@@ -113,3 +115,63 @@ def test_export_rejects_non_tiny_policy(policy, tmp_path):
     hp = load_policy(export_hf(policy, tmp_path / "hf"))
     with pytest.raises(CheckpointError, match="tiny"):
         export_hf(hp, tmp_path / "again")
+
+
+def prompt_completion_batch(tok, prompts, completions):
+    """Prompts left-padded and completions right-padded, then concatenated: the batch TRL's GRPOTrainer scores."""
+    p_ids, p_mask = left_padded(tok, prompts)
+    enc = [tok.encode(c) + [tok.eos_id] for c in completions]
+    T = max(map(len, enc))
+    c_ids = torch.full((len(enc), T), tok.pad_id, dtype=torch.long)
+    c_mask = torch.zeros((len(enc), T), dtype=torch.bool)
+    for i, e in enumerate(enc):
+        c_ids[i, : len(e)] = torch.tensor(e)
+        c_mask[i, : len(e)] = True
+    return torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1), p_ids.shape[1], c_mask
+
+
+def hf_response_logprobs(hf, ids, mask, P, temperature):
+    """Completion log-probs from a forward given only input_ids and attention_mask (no position_ids)."""
+    logits = hf(input_ids=ids, attention_mask=mask.long()).logits[:, P - 1 : -1].float() / temperature  # (B, T, V)
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, P:, None]).squeeze(-1)  # (B, T)
+
+
+def test_positions_from_mask_matches_policy_on_left_padded_batch(policy):
+    """Without position_ids a GPT-2 numbers pads as positions, so shorter prompts are scored shifted;
+    ``positions_from_mask`` gives our Policy's log-probs on every real completion token."""
+    ids, mask, P, c_mask = prompt_completion_batch(
+        policy.tokenizer, ["12+34=", "7+5=", "98+76=", "\n a"], ["46", "12", "174", "x"])
+    hf = to_gpt2(policy)
+    with torch.no_grad():
+        ours, _ = policy.response_logprobs(ids, mask, P, temperature=0.7)
+        shifted = hf_response_logprobs(hf, ids, mask, P, 0.7)
+        assert positions_from_mask(positions_from_mask(hf)) is hf  # in place, and twice is once
+        fixed = hf_response_logprobs(hf, ids, mask, P, 0.7)
+        with_ids = hf(input_ids=ids, attention_mask=mask.long(),
+                      position_ids=torch.zeros_like(ids)).logits  # explicit position_ids still win
+        plain = to_gpt2(policy)(input_ids=ids, attention_mask=mask.long(), position_ids=torch.zeros_like(ids)).logits
+    padded = ~mask[:, :P].all(1)  # rows whose prompt was padded
+    assert padded.sum() == 2
+    assert (shifted - ours)[padded][c_mask[padded]].abs().max() > 1e-2  # the bug: shifted positions
+    torch.testing.assert_close(shifted[~padded][c_mask[~padded]], ours[~padded][c_mask[~padded]],
+                               atol=1e-5, rtol=1e-5)  # an unpadded row is unaffected
+    torch.testing.assert_close(fixed[c_mask], ours[c_mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_ids, plain)
+
+
+def test_positions_from_mask_keeps_greedy_generation(policy, tmp_path):
+    """generate passes position_ids itself (and uses the KV cache): the patch changes nothing there."""
+    hp = load_policy(export_hf(policy, tmp_path / "hf"))
+    prompts = [policy.tokenizer.encode(t) for t in ["12+34=", "5+6=", "99+1=", "1+2="]]
+    params = SamplingParams(max_new_tokens=6, greedy=True)
+    before = HFEngine(hp).sample(prompts, params)
+    positions_from_mask(hp.model)
+    after = HFEngine(hp).sample(prompts, params)
+    assert [g.response_ids for g in after] == [g.response_ids for g in before]
+    copied = copy.deepcopy(hp.model)  # the engines' weight copy: the patch must run the copy's weights
+    assert copied.transformer.forward.__self__ is copied.transformer
+    ids = torch.tensor([[policy.tokenizer.pad_id] * 2 + prompts[1]])
+    out = hp.model.generate(input_ids=ids, attention_mask=(ids != policy.tokenizer.pad_id).long(),
+                            max_new_tokens=4, do_sample=False, pad_token_id=policy.tokenizer.pad_id)
+    k = min(4, len(before[1].response_ids))  # left-padded generate: same greedy tokens as unpadded
+    assert out[0, ids.shape[1]: ids.shape[1] + k].tolist() == before[1].response_ids[:k]

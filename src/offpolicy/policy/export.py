@@ -22,12 +22,16 @@ the pipeline.
 
 Position ids: a GPT-2 called without ``position_ids`` numbers positions from the first column,
 pads included. Our engines and :meth:`Policy.logits` always pass ``position_ids`` (cumulative
-attention mask − 1); a caller that left-pads prompts of different lengths must do the same to
-get the tiny model's numbers.
+attention mask − 1), and so does ``transformers``' ``generate``; a caller that left-pads prompts of
+different lengths and calls the model's forward without them (TRL's ``GRPOTrainer`` scoring its
+completions, ``_get_per_token_logps_and_entropies``) scores every shorter prompt at shifted
+positions. :func:`positions_from_mask` makes such a forward number positions from the attention
+mask instead.
 """
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import torch
@@ -144,3 +148,30 @@ def to_hf_tokenizer(tokenizer: CharTokenizer, model_max_length: int | None = Non
     if ids != [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id]:
         raise ValueError(f"exported special-token ids {ids} differ from the character tokenizer's")
     return hf
+
+
+def positions_from_mask(model):
+    """Make a GPT-2 (``to_gpt2`` or ``from_pretrained`` of an exported folder) number positions from its mask.
+
+    Patches ``model``'s backbone (``model.base_model``, the ``GPT2Model``; TRL's fused log-prob head
+    calls it directly) in place: a forward given a 2-D ``attention_mask`` and no ``position_ids``
+    uses ``position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)`` (last ``T`` columns for
+    ``T`` new tokens), the numbering our engines use, so a left-padded row is scored at the
+    positions it would have unpadded. Explicit ``position_ids`` (``generate``, our engines) and
+    calls without a mask are unchanged. The patch is a method bound to the backbone, so
+    ``copy.deepcopy`` (our engines' weight copies) binds it to the copy. Returns ``model``;
+    applying it twice is a no-op.
+    """
+    backbone = model.base_model
+    if "forward" not in vars(backbone):
+        backbone.forward = types.MethodType(_forward_with_mask_positions, backbone)
+    return model
+
+
+def _forward_with_mask_positions(self, input_ids=None, *, attention_mask=None, position_ids=None, inputs_embeds=None,
+                                 **kwargs):
+    if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+        n_new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n_new:]  # (B, T)
+    return type(self).forward(self, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              inputs_embeds=inputs_embeds, **kwargs)
