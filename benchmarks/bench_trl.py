@@ -73,7 +73,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -84,6 +83,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, markdown_table, write_json  # noqa: E402
+
+from offpolicy.baselines.trl_grpo import eval_seed, peak_rss_mb, run_trl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT = ROOT / "tests" / "fixtures" / "tiny_addition_sft"
@@ -192,14 +193,6 @@ def run_spec(start: Path, task_name: str | None, task_params: dict | None,
             "shape": {"d_model": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads, "max_len": max_len}}
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def eval_seed(seed: int) -> int:
-    return seed + 10_007  # the runner's held-out set for run.seed = seed (offpolicy.train.context.setup)
-
-
 # ---- worker: offpolicy (one recipe, one seed) -------------------------------------------------
 def run_ours(label: str, seed: int, s: dict[str, Any], out: Path) -> dict[str, Any]:
     import torch
@@ -282,161 +275,6 @@ def _dedupe(curve: list[dict]) -> list[dict]:
 
 
 # ---- worker: TRL GRPOTrainer -------------------------------------------------------------------
-def run_trl(seed: int, s: dict[str, Any], out: Path, target: float | None) -> dict[str, Any]:
-    import torch
-    import transformers
-    import trl
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from offpolicy.data.tasks import make_task
-    from offpolicy.policy.export import export_hf, positions_from_mask
-    from offpolicy.policy.hf import HFTokenizer
-    from offpolicy.policy.model import Policy
-    from offpolicy.rollout.engines import HFEngine
-    from offpolicy.train.evaluate import evaluate
-
-    torch.set_num_threads(2)
-    if out.exists():
-        shutil.rmtree(out)
-    hf_dir = export_hf(ROOT / s["init"], out / "exported_sft")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(hf_dir)
-    # TRL scores completions with a forward given no position_ids: number left-padded prompts from the mask
-    model = positions_from_mask(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32))
-    task = make_task(s["task"]["name"], **s["task"]["params"])
-    P, G = s["prompts_per_step"], s["group_size"]
-    train_problems = task.problems(P * s["trl_max_steps"], split="train", seed=seed)
-    eval_problems = task.problems(s["eval_problems"], split="eval", seed=eval_seed(seed))
-    by_id = {p.id: p for p in train_problems}  # TRL hands extra dataset columns to the reward as keywords
-    dataset = Dataset.from_dict({"prompt": [p.prompt for p in train_problems],
-                                 "problem_id": [p.id for p in train_problems]})
-    counts = {"completions": 0, "tokens": 0, "reward_calls": 0}
-
-    def task_reward(prompts, completions, completion_ids, problem_id, **_):
-        """The task's own verifier on the original Problem, as our runner calls it (``task.score``)."""
-        counts["completions"] += len(completions)
-        counts["tokens"] += sum(len(c) for c in completion_ids)  # includes EOS, like our engines' counts
-        counts["reward_calls"] += 1
-        return [task.score(by_id[i], c) for i, c in zip(problem_id, completions)]
-
-    args = GRPOConfig(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=P * G, num_generations=G,
-        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
-        max_completion_length=s["max_new_tokens"], temperature=TEMPERATURE, top_p=1.0, top_k=0,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        beta=0.0, loss_type="grpo", scale_rewards="group", epsilon=0.2,
-        max_steps=s["trl_max_steps"], logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, use_vllm=False,
-        seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
-    )
-    trainer = GRPOTrainer(model=model, reward_funcs=task_reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer)
-    torch.set_num_threads(2)
-    model = trainer.model
-    gen = {"seconds": 0.0, "calls": 0, "evaluating": False}
-    original_generate = model.generate
-
-    def timed_generate(*a, **k):  # TRL's rollouts only: held-out evaluation is not charged to TRL
-        t0 = time.perf_counter()
-        res = original_generate(*a, **k)
-        if not gen["evaluating"]:
-            gen["seconds"] += time.perf_counter() - t0
-            gen["calls"] += 1
-        return res
-
-    model.generate = timed_generate
-
-    def held_out(m) -> float:
-        was = m.training
-        gen["evaluating"] = True
-        m.eval()
-        policy = Policy(m, HFTokenizer(tokenizer), "hf")
-        engine = HFEngine(policy, max_batch=len(eval_problems))  # a copy of TRL's current weights
-        acc = evaluate(engine, policy.tokenizer, eval_problems, task.score, max_new_tokens=s["max_new_tokens"],
-                       samples=0)["eval/greedy_acc"]
-        m.train(was)
-        gen["evaluating"] = False
-        return acc
-
-    class Bench(TrainerCallback):
-        def __init__(self) -> None:
-            self.curve: list[dict] = []
-            self.step_times: list[float] = []
-            self.rollout_rates: list[float] = []
-            self.learner_rates: list[float] = []
-            self.train_s = 0.0
-            self.eval_s = 0.0
-            self.t_step = 0.0
-            self.rewards: list[float] = []
-            self.reached = False
-            self.stop_reason = "max_steps"
-
-        def on_train_begin(self, args, state, control, **kw):
-            t0 = time.perf_counter()
-            self.curve.append({"step": 0, "rollouts": 0, "seconds": 0.0, "acc": held_out(kw["model"])})
-            self.eval_s += time.perf_counter() - t0
-            self.t_begin = time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t_step = time.perf_counter()
-            self.at_begin = (gen["seconds"], counts["tokens"])
-
-        def on_step_end(self, args, state, control, **kw):
-            self.step_times.append(round(time.perf_counter() - self.t_step, 4))
-            g_s, n = gen["seconds"] - self.at_begin[0], counts["tokens"] - self.at_begin[1]
-            if g_s > 0:
-                self.rollout_rates.append(round(n / g_s, 1))
-                self.learner_rates.append(round(n / max(self.step_times[-1] - g_s, 1e-9), 1))
-            self.train_s += self.step_times[-1]
-            self.threads = torch.get_num_threads()
-            if state.global_step % s["eval_every"] == 0:
-                t0 = time.perf_counter()
-                acc = held_out(kw["model"])
-                self.eval_s += time.perf_counter() - t0
-                self.curve.append({"step": state.global_step, "rollouts": counts["completions"],
-                                   "seconds": round(self.train_s, 3), "acc": acc})
-                if target is not None and acc >= target and not self.reached:
-                    self.reached = True
-                    control.should_training_stop = True
-                    self.stop_reason = "target"
-            if self.train_s >= s["trl_budget_s"] and not control.should_training_stop:
-                control.should_training_stop = True
-                self.stop_reason = "budget"
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "reward" in logs:
-                self.rewards.append(logs["reward"])
-
-    bench = Bench()
-    trainer.add_callback(bench)
-    trainer.remove_callback(PrinterCallback)  # one dict per step on stdout; the rewards are kept in the JSON
-    t0 = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - t0 - bench.eval_s
-    steps = trainer.state.global_step
-    learner_s = bench.train_s - gen["seconds"]
-    trained_tokens = counts["tokens"]  # TRL trains on every completion (uninformative groups have advantage 0)
-    return {"system": "trl", "seed": seed, "curve": bench.curve, "steps": steps, "rollouts": counts["completions"],
-            "train_seconds": round(bench.train_s, 2), "step_seconds": bench.step_times,
-            "wall_seconds_excluding_eval": round(wall, 2),
-            "stop_reason": bench.stop_reason, "torch_threads": bench.threads, "budget_s": s["trl_budget_s"],
-            "rollout_tokens": counts["tokens"], "rollout_seconds": round(gen["seconds"], 2),
-            "rollout_tokens_per_s": counts["tokens"] / gen["seconds"] if gen["seconds"] else None,
-            "learner_tokens": trained_tokens, "learner_seconds": round(learner_s, 2),
-            "learner_tokens_per_s": trained_tokens / learner_s if learner_s > 0 else None,
-            "rollout_tokens_per_s_per_step": bench.rollout_rates,
-            "learner_tokens_per_s_per_update": bench.learner_rates,
-            "reward_mean_per_step": [round(r, 4) for r in bench.rewards],
-            "trl_config": {k: getattr(args, k) for k in (
-                "per_device_train_batch_size", "num_generations", "max_completion_length", "learning_rate",
-                "lr_scheduler_type", "beta", "loss_type", "scale_rewards", "num_iterations", "epsilon",
-                "temperature", "top_k", "top_p", "max_grad_norm")},
-            "versions": {"trl": trl.__version__, "transformers": transformers.__version__},
-            "peak_rss_mb": round(peak_rss_mb(), 1)}
-
-
 # ---- driver ------------------------------------------------------------------------------------
 def cpu_busy(seconds: float = 1.0) -> float:
     """Fraction of all cores busy over ``seconds`` (from /proc/stat; 0.0 where it does not exist)."""
@@ -643,7 +481,7 @@ def main() -> None:
         settings = json.loads(a.settings)
         out = a.work / a.worker / f"seed{a.seed}"
         if a.worker == "trl":
-            res = run_trl(a.seed, settings, out, a.target)
+            res = run_trl(a.seed, {**settings, "init": str(ROOT / settings["init"])}, out, a.target)
         else:
             res = run_ours(a.worker, a.seed, settings, out)
         a.result.write_text(json.dumps(res, indent=2))

@@ -57,3 +57,21 @@ def test_table_has_one_line_per_task_and_system():
     md = table(rows, [4096]).splitlines()
     assert len(md) == 4
     assert "| a | default | 2 |" in md[3] and "1,000 (1/2)" in md[3]
+
+
+def test_a_trl_result_reads_back_like_one_of_our_runs(tmp_path):
+    """write_run stores TRL's curve so that compare's reader (rl_curve) and the suite rows see it as ours."""
+    from offpolicy.baselines.trl_grpo import write_run
+    from offpolicy.suite_compare import run_row
+
+    result = {"curve": [{"step": 0, "rollouts": 0, "acc": 0.2}, {"step": 2, "rollouts": 2048, "acc": 0.26},
+                        {"step": 4, "rollouts": 4096, "acc": 0.33}],
+              "steps": 4, "rollouts": 4096, "step_seconds": [1.0, 2.0, 1.5, 1.5],
+              "reward_mean_per_step": [0.1, 0.2, 0.2, 0.3], "peak_rss_mb": 900.0,
+              "wall_seconds_excluding_eval": 6.0, "stop_reason": "max_steps", "versions": {"trl": "x"}}
+    write_run(result, tmp_path / "trl" / "seed0", n_eval=300)
+    row = run_row("a", "trl", 0, tmp_path / "trl" / "seed0", [2048, 4096], 300)
+    assert row["start_acc"] == 0.2 and row["final_acc"] == 0.33 and row["best_acc"] == 0.33
+    assert row["rollouts_to_plus10"] == 4096 and row["rollouts_to_plus20"] is None
+    assert row["acc_at_budget"] == {"2048": 0.26, "4096": 0.33}
+    assert row["seconds_per_step"] == 1.5 and row["peak_rss_mb"] == 900.0

@@ -1,0 +1,1 @@
+"""Other libraries' trainers run as baseline systems beside ours (optional dependencies, imported when used)."""
