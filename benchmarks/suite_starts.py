@@ -35,10 +35,14 @@ from offpolicy.train.runner import train  # noqa: E402
 def run_rung(task, rung, root: Path, seed: int) -> dict:
     """SFT ``task`` on ``rung`` (or read the cached run) and describe its start."""
     out = root / task.name / rung.name
+    cfg = load_config(None, task.overrides(rung, out, seed=seed))
     cached = (out / "summary.json").exists()
+    if cached and load_config(out / "config.yaml") != cfg:
+        raise SystemExit(f"{out} holds a start made with another config than offpolicy.suite's {task.name!r} "
+                         f"on rung {rung.name!r} now: delete the folder to rebuild it")
     t0 = time.perf_counter()
     if not cached:
-        train(load_config(None, task.overrides(rung, out, seed=seed)))
+        train(cfg)
     summary = json.loads((out / "summary.json").read_text())
     rows = read_metrics(out / "metrics.jsonl")
     start = next(r for r in rows if r.get("eval_point") == "before_rl")
@@ -75,9 +79,10 @@ def make_start(task, root: Path, seed: int, budget_s: float) -> dict:
         print(f"  {task.name} rung {rung.name}: greedy {result['greedy_acc']:.3f} pass@8 {result['pass_at_8']:.3f} "
               f"after {result['sft_steps_run']} steps, {result['seconds']:.0f} s", flush=True)
         if result["in_band"]:
-            return {**describe(task), **result, "tried": tried[:-1], "sft_seconds_total": round(spent, 1)}
+            return {**describe(task), **result, "tried": tried[:-1], "sft_seconds_total": round(spent, 1),
+                    "budget_s": budget_s}
     return {**describe(task), "checkpoint": None, "tried": tried, "sft_seconds_total": round(spent, 1),
-            "reason": failure(tried, spent, budget_s)}
+            "budget_s": budget_s, "reason": failure(tried, spent, budget_s)}
 
 
 def describe(task) -> dict:

@@ -89,21 +89,24 @@ SUITE: tuple[SuiteTask, ...] = (
               max_len=16, max_new_tokens=6, example="12+34= -> 46"),
     SuiteTask("chain_sum", "arithmetic", *_rg("chain_sum", min_terms=3, max_terms=3, min_digits=1, max_digits=2),
               max_len=16, max_new_tokens=6, example="49-14-51= -> -16"),
-    SuiteTask("spell_backward", "string manipulation", *_rg("spell_backward", min_word_len=3, max_word_len=6),
-              max_len=24, max_new_tokens=8, example="rev mopus= -> supom"),
+    # 3-6-letter words reach 25% greedy after ~75 SFT steps, while sampling is still so noisy that pass@8 sits
+    # below greedy (suite_starts, 2026-12-07): longer words keep SFT going until the model is sharper
+    SuiteTask("spell_backward", "string manipulation", *_rg("spell_backward", min_word_len=5, max_word_len=10),
+              max_len=32, max_new_tokens=12, example="rev mopus= -> supom"),
     SuiteTask("number_sorting", "sorting", *_rg("number_sorting", min_numbers=3, max_numbers=3, min_decimals=0,
                                                 max_decimals=0, min_value=0, max_value=99),
               max_len=32, max_new_tokens=10, example="desc 83 45 70= -> 83 70 45"),
     SuiteTask("count_bits", "counting", *_rg("count_bits", min_n=1, max_n=2**12 - 1),
               max_len=24, max_new_tokens=4, example="bits 1011011= -> 5"),
-    SuiteTask("basic_arithmetic", "arithmetic", *_rg("basic_arithmetic", min_terms=2, max_terms=2, min_digits=1,
-                                                     max_digits=2, operators=["+", "-", "*"],
-                                                     allow_parentheses=False, allow_negation=False),
-              max_len=16, max_new_tokens=6, example="97*3= -> 291"),
     SuiteTask("gcd", "number theory", *_rg("gcd", min_value=1, max_value=99),
               max_len=16, max_new_tokens=4, example="gcd 24 80= -> 8"),
 )
 ALTERNATES: tuple[SuiteTask, ...] = (  # replacements for a task that cannot get a start in the band
+    # with `*`, 1-2-digit operands: 7% greedy after 800 SFT steps on rungs s and m (2026-12-07): not in the suite
+    SuiteTask("basic_arithmetic", "arithmetic", *_rg("basic_arithmetic", min_terms=2, max_terms=2, min_digits=1,
+                                                     max_digits=2, operators=["+", "-", "*"],
+                                                     allow_parentheses=False, allow_negation=False),
+              max_len=16, max_new_tokens=6, example="97*3= -> 291"),
     SuiteTask("lcm", "number theory", *_rg("lcm", min_value=1, max_value=100),
               max_len=24, max_new_tokens=6, example="lcm 4 6= -> 12"),
     SuiteTask("leg_counting", "counting", *_rg("leg_counting", min_animals=1, max_animals=2, max_instances=5),
