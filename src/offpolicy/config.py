@@ -108,6 +108,7 @@ class SFTConfig(_Strict):
     batch_size: int = Field(64, ge=1)  # expert traces per step
     eval_every: int = Field(0, ge=0)  # SFT steps between evaluations (0 = only before and after)
     stop_at_accuracy: float | None = None  # end SFT at the first evaluation whose held-out greedy accuracy reaches this
+    keep_best: bool = False  # SFT ends on the evaluated weights with the best held-out greedy accuracy, not the last
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, schedule="cosine"))
 
     @model_validator(mode="after")
@@ -117,6 +118,9 @@ class SFTConfig(_Strict):
                 raise ValueError(f"sft.stop_at_accuracy={self.stop_at_accuracy} must be in (0, 1]")
             if self.eval_every <= 0:
                 raise ValueError("sft.stop_at_accuracy needs sft.eval_every > 0 (it is checked at those evaluations)")
+        if self.keep_best and (self.eval_every <= 0 or self.steps <= 0):
+            raise ValueError(f"sft.keep_best needs sft.steps > 0 and sft.eval_every > 0 (it keeps the best of those "
+                             f"evaluations), got steps={self.steps}, eval_every={self.eval_every}")
         return self
 
 

@@ -227,3 +227,46 @@ def test_sft_runs_all_its_steps_when_the_target_is_not_reached(tmp_path, tiny_co
     train(cfg)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert max(r["step"] for r in rows if r.get("stage") == "sft") == 6
+
+
+def scripted_evals(monkeypatch, greedy: dict[str, float]) -> dict[str, dict]:
+    """Make the runner's SFT evaluations report ``greedy[point]`` as held-out greedy accuracy; returns the
+    policy weights seen at every evaluation point (a copy)."""
+    from offpolicy.train import runner as runner_module
+
+    real, seen = runner.record_eval, {}
+
+    def fake(run, name, extra=None):
+        result = real(run, name, extra)
+        if name in greedy:
+            result = {**result, "eval/greedy_acc": greedy[name]}
+            run.state["evals"][name] = result
+        seen[name] = {k: v.clone() for k, v in run.policy.model.state_dict().items()}
+        return result
+
+    monkeypatch.setattr(runner_module, "record_eval", fake)
+    return seen
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_sft_keep_best_starts_rl_from_the_best_evaluation(tmp_path, tiny_config, monkeypatch, keep_best):
+    """The best SFT evaluation (step 4 of 6) is not the last: with sft.keep_best the sft checkpoint, the
+    before_rl evaluation and RL start from step 4's weights; without it, from step 6's."""
+    seen = scripted_evals(monkeypatch, {"sft_step_2": 0.1, "sft_step_4": 0.5, "sft_step_6": 0.2})
+    cfg = tiny_config(tmp_path, "sft.steps=6", "sft.eval_every=2", f"sft.keep_best={str(keep_best).lower()}",
+                      "rl.steps=0", "eval.samples=0", "sft.optim.lr=1e-2")
+    summary = train(cfg)
+    sft_weights, _ = load_checkpoint(tmp_path / "checkpoints" / "sft")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    points = [r["eval_point"] for r in rows if "eval_point" in r]
+    start = sft_weights.model.state_dict()
+    assert not weights_changed(seen["before_rl"], start)
+    assert weights_changed(seen["sft_step_4"], seen["sft_step_6" if keep_best else "before_rl"])
+    assert weights_changed(seen["sft_step_4"], start) is not keep_best  # step 4's weights iff keep_best
+    if keep_best:
+        assert points == ["before_sft", "sft_step_2", "sft_step_4", "sft_step_6", "before_rl", "final"]
+        assert summary["sft_best_step"] == 4
+        assert next(r for r in rows if r.get("eval_point") == "before_rl")["sft/best_step"] == 4
+    else:
+        assert points == ["before_sft", "sft_step_2", "sft_step_4", "before_rl", "final"]
+        assert summary["sft_best_step"] is None

@@ -157,3 +157,11 @@ def test_sft_stop_at_accuracy_is_checked():
     with pytest.raises(ConfigError, match=r"sft.stop_at_accuracy=1.5 must be in \(0, 1\]"):
         load_config(None, ["sft.stop_at_accuracy=1.5", "sft.eval_every=5"])
     assert load_config(None, ["sft.stop_at_accuracy=0.3", "sft.eval_every=5"]).sft.stop_at_accuracy == 0.3
+
+
+def test_sft_keep_best_needs_evaluations():
+    with pytest.raises(ConfigError, match="sft.keep_best needs sft.steps > 0 and sft.eval_every > 0"):
+        load_config(None, ["sft.keep_best=true", "sft.steps=10"])
+    with pytest.raises(ConfigError, match="sft.keep_best needs"):
+        load_config(None, ["sft.keep_best=true", "sft.eval_every=5"])
+    assert load_config(None, ["sft.keep_best=true", "sft.steps=10", "sft.eval_every=5"]).sft.keep_best

@@ -215,6 +215,7 @@ def finish(run: Run) -> dict[str, Any]:
         "mode": run.cfg.run.mode,
         "accuracy_before_sft": acc("before_sft"),
         "accuracy_before_rl": acc("before_rl"),
+        "sft_best_step": s.get("sft_best_step"),  # with sft.keep_best: the SFT step RL started from
         "accuracy_after_rl": acc("final"),
         "gain_points": None if acc("before_rl") is None else round(100 * (acc("final") - acc("before_rl")), 1),
         "pass_at_k_before_rl": acc("before_rl", "eval/pass_at_k"),

@@ -59,12 +59,16 @@ def run_loop(run: Run) -> None:
 
 # ---- stage 1: supervised fine-tuning on expert traces ----------------------------------------
 def run_sft(run: Run) -> None:
+    """SFT for ``sft.steps`` steps (or until ``sft.stop_at_accuracy``); with ``sft.keep_best`` RL starts from
+    the evaluated weights with the best held-out greedy accuracy (also what ``checkpoints/sft`` holds)."""
     cfg, sft = run.cfg, run.cfg.sft
+    best: dict[str, Any] | None = None  # {"step", "greedy_acc", "weights"}: the best SFT evaluation so far
     if sft.steps > 0:
         opt, sched = make_optimizer(run.policy.parameters(), sft.optim, sft.steps)
         if run.state["stage_state"]:
             opt.load_state_dict(run.state["stage_state"]["opt"])
             sched.load_state_dict(run.state["stage_state"]["sched"])
+            best = run.state["stage_state"].get("best")
         tok = run.policy.tokenizer
         run.console.start_stage("SFT", sft.steps, run.state["step"])
         for step in range(run.state["step"], sft.steps):
@@ -78,13 +82,38 @@ def run_sft(run: Run) -> None:
             run.console.advance(metrics)
             if sft.eval_every and (step + 1) % sft.eval_every == 0 and step + 1 < sft.steps:
                 acc = record_eval(run, f"sft_step_{step + 1}")["eval/greedy_acc"]
+                best = keep_if_best(run, best, acc)
                 if sft.stop_at_accuracy is not None and acc >= sft.stop_at_accuracy:
                     run.console.print(f"SFT reached held-out greedy accuracy {acc:.3f} >= sft.stop_at_accuracy "
                                       f"after {step + 1} steps: stopping SFT")
                     break
             if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
-                context.checkpoint(run, {"opt": opt.state_dict(), "sched": sched.state_dict()})
+                context.checkpoint(run, {"opt": opt.state_dict(), "sched": sched.state_dict(), "best": best})
         run.console.end_stage()
-    record_eval(run, "before_rl")
+    if sft.keep_best and sft.steps > 0:
+        best = end_on_best(run, best)
+    record_eval(run, "before_rl", {"sft/best_step": best["step"]} if best else None)
     run.state.update(stage="rl", step=0, stage_state=None)
     context.checkpoint(run, None, name="sft")
+
+
+def keep_if_best(run: Run, best: dict[str, Any] | None, acc: float) -> dict[str, Any] | None:
+    """With ``sft.keep_best``, a copy of the weights if ``acc`` beats ``best`` (the earliest of equals stays)."""
+    if not run.cfg.sft.keep_best or (best is not None and acc <= best["greedy_acc"]):
+        return best
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in run.policy.model.state_dict().items()}
+    return {"step": run.state["step"], "greedy_acc": acc, "weights": weights}
+
+
+def end_on_best(run: Run, best: dict[str, Any] | None) -> dict[str, Any]:
+    """Evaluate the last SFT weights (unless just done) and load the best evaluated ones into the policy."""
+    point = f"sft_step_{run.state['step']}"
+    if point not in run.state["evals"]:
+        best = keep_if_best(run, best, record_eval(run, point)["eval/greedy_acc"])
+    assert best is not None  # keep_if_best keeps the first evaluation
+    if best["step"] != run.state["step"]:
+        run.console.print(f"sft.keep_best: held-out greedy accuracy {best['greedy_acc']:.3f} at SFT step "
+                          f"{best['step']} is the best: RL starts from those weights, not step {run.state['step']}'s")
+        run.policy.model.load_state_dict(best["weights"])
+    run.state["sft_best_step"] = best["step"]
+    return best
