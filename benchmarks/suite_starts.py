@@ -105,9 +105,10 @@ def table(tasks: dict) -> str:
     for name, r in tasks.items():
         ok = r.get("checkpoint") is not None
         best = r if ok else (r["tried"][-1] if r["tried"] else {})
+        acc = lambda key: "-" if key not in best else f"{best[key]:.3f}"  # noqa: E731
         rows.append([name, r["kind"], best.get("rung", "-"), best.get("params", "-"), best.get("start_step", "-"),
-                     best.get("sft_s_per_step", "-"), r["sft_seconds_total"], best.get("greedy_acc", "-"),
-                     best.get("pass_at_8", "-"), best.get("sampled_acc", "-"), r["prompt_length"],
+                     best.get("sft_s_per_step", "-"), r["sft_seconds_total"], acc("greedy_acc"),
+                     acc("pass_at_8"), acc("sampled_acc"), r["prompt_length"],
                      "in band" if ok else r["reason"]])
     return markdown_table(header, rows)
 

@@ -89,10 +89,6 @@ SUITE: tuple[SuiteTask, ...] = (
               max_len=16, max_new_tokens=6, example="12+34= -> 46"),
     SuiteTask("chain_sum", "arithmetic", *_rg("chain_sum", min_terms=3, max_terms=3, min_digits=1, max_digits=2),
               max_len=16, max_new_tokens=6, example="49-14-51= -> -16"),
-    # 3-6-letter words reach 25% greedy after ~75 SFT steps, while sampling is still so noisy that pass@8 sits
-    # below greedy (suite_starts, 2026-12-07): longer words keep SFT going until the model is sharper
-    SuiteTask("spell_backward", "string manipulation", *_rg("spell_backward", min_word_len=5, max_word_len=10),
-              max_len=32, max_new_tokens=12, example="rev mopus= -> supom"),
     SuiteTask("number_sorting", "sorting", *_rg("number_sorting", min_numbers=3, max_numbers=3, min_decimals=0,
                                                 max_decimals=0, min_value=0, max_value=99),
               max_len=32, max_new_tokens=10, example="desc 83 45 70= -> 83 70 45"),
@@ -100,8 +96,15 @@ SUITE: tuple[SuiteTask, ...] = (
               max_len=24, max_new_tokens=4, example="bits 1011011= -> 5"),
     SuiteTask("gcd", "number theory", *_rg("gcd", min_value=1, max_value=99),
               max_len=16, max_new_tokens=4, example="gcd 24 80= -> 8"),
+    SuiteTask("leg_counting", "counting", *_rg("leg_counting", min_animals=1, max_animals=2, max_instances=5),
+              max_len=48, max_new_tokens=4, example="legs 4 beetle 5 bee= -> 54"),
 )
 ALTERNATES: tuple[SuiteTask, ...] = (  # replacements for a task that cannot get a start in the band
+    # 3-6-letter words reach 25% greedy after ~75 SFT steps, while sampling is still so noisy that pass@8 sits
+    # below greedy (suite_starts, 2026-12-07): longer words kept SFT going
+    # longer, but no rung got pass@8 >= greedy + 0.15 (s: 0.250/0.297, m: 0.277/0.407, l: 0.263/0.357)
+    SuiteTask("spell_backward", "string manipulation", *_rg("spell_backward", min_word_len=5, max_word_len=10),
+              max_len=32, max_new_tokens=12, example="rev mopus= -> supom"),
     # with `*`, 1-2-digit operands: 7% greedy after 800 SFT steps on rungs s and m (2026-12-07): not in the suite
     SuiteTask("basic_arithmetic", "arithmetic", *_rg("basic_arithmetic", min_terms=2, max_terms=2, min_digits=1,
                                                      max_digits=2, operators=["+", "-", "*"],
@@ -109,8 +112,6 @@ ALTERNATES: tuple[SuiteTask, ...] = (  # replacements for a task that cannot get
               max_len=16, max_new_tokens=6, example="97*3= -> 291"),
     SuiteTask("lcm", "number theory", *_rg("lcm", min_value=1, max_value=100),
               max_len=24, max_new_tokens=6, example="lcm 4 6= -> 12"),
-    SuiteTask("leg_counting", "counting", *_rg("leg_counting", min_animals=1, max_animals=2, max_instances=5),
-              max_len=48, max_new_tokens=4, example="legs 4 beetle 5 bee= -> 54"),
 )
 
 
