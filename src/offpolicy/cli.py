@@ -163,6 +163,14 @@ def compare(
     target: Optional[str] = typer.Option(None, "--target", help="greedy accuracy to reach (0.5), or a gain over "
                                          "the mean RL-start accuracy (+0.2)"),
     out: Path = typer.Option(..., "--out", help="folder for runs (OUT/<label>/seed<k>), compare.json and plots"),
+    suite: Optional[str] = typer.Option(None, "--suite", help="run the recipes on the benchmark suite: 'all' or "
+                                        "task names (chain_sum,gcd); writes OUT/suite.json, suite.md, plots"),
+    trl: bool = typer.Option(False, "--trl", help="with --suite: TRL's GRPOTrainer as a system (needs offpolicy[bench])"),
+    rollouts: int = typer.Option(20480, "--rollouts", min=1, help="with --suite: RL rollouts per run"),
+    eval_every: int = typer.Option(2, "--eval-every", min=1, help="with --suite: RL steps between evaluations"),
+    eval_problems: int = typer.Option(300, "--eval-problems", min=1, help="with --suite: held-out problems"),
+    starts: Path = typer.Option(Path("benchmarks/results/suite_starts.json"), "--starts",
+                                help="with --suite: the start checkpoints benchmarks/suite_starts.py made"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Run recipes (or a sweep of one key) over seeds, resumably; write compare.json and plots."""
@@ -172,6 +180,9 @@ def compare(
     from offpolicy.compare import compare as run_compare
     from offpolicy.compare import split_args
 
+    if suite is not None:
+        return _compare_suite(args, suite, trl=trl, seeds=seeds, out=out, rollouts=rollouts, eval_every=eval_every,
+                              eval_problems=eval_problems, starts=starts, debug=debug)
     try:
         recipes, overrides = split_args(args)
         result = run_compare(recipes, overrides, seeds=seeds, out=out, sweep=sweep, target=target,
@@ -197,6 +208,30 @@ def compare(
     Console().print(table)
     c = result["counts"]
     typer.echo(f"{c['ran']} run(s) ran, {c['resumed']} resumed, {c['skipped']} skipped; wrote {out / 'compare.json'}")
+
+
+def _compare_suite(args: list[str], suite: str, *, trl: bool, seeds: int, out: Path, rollouts: int, eval_every: int,
+                   eval_problems: int, starts: Path, debug: bool) -> None:
+    """``compare --suite``: every recipe (and TRL) on every suite task; the table goes to stdout."""
+    from offpolicy.compare import split_args
+    from offpolicy.config import ConfigError
+    from offpolicy.suite_compare import compare_suite, suite_runs, trl_runner
+
+    try:
+        recipes, overrides = split_args(args)
+        if not recipes:
+            raise ConfigError("compare --suite needs at least one recipe (e.g. recipes/default.yaml)")
+        names = None if suite == "all" else [n.strip() for n in suite.split(",") if n.strip()]
+        tasks = suite_runs(names, starts)
+        external = {"trl": trl_runner(eval_problems, eval_every)} if trl else None
+        budgets = sorted({max(1, rollouts // 4), max(1, rollouts // 2), rollouts})
+        result = compare_suite(recipes, tasks, seeds=seeds, out=out, budget=rollouts, budgets=budgets,
+                               eval_every=eval_every, n_eval=eval_problems, overrides=overrides, external=external,
+                               say=lambda msg: typer.echo(msg, err=True))
+    except USER_ERRORS as e:
+        _fail(e, debug)
+    typer.echo((out / "suite.md").read_text())
+    typer.echo(json.dumps(result["summary"], indent=2))
 
 
 rollouts = typer.Typer(no_args_is_help=True, help="Move and look at experience logs (.jsonl or .parquet; "

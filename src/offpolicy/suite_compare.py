@@ -35,13 +35,61 @@ DEFAULT_SYSTEM = "default"  # the recipe whose safety the suite checks (recipes/
 GAINS = (0.10, 0.20)
 
 
+Runner = Callable[["SuiteRun", int, Path, int], None]  # (task, seed, run dir, rollout budget) -> writes the run
+
+
 @dataclass(frozen=True)
 class SuiteRun:
-    """What every system shares on one task: the overrides that set the task up and the start weights."""
+    """What every system shares on one task: the task, its response length and the start weights."""
 
     task: str  # the suite's label for the task (a folder name)
-    overrides: tuple[str, ...]  # task.*, sampling.*, eval.* keys applied on top of every recipe
-    start: Path  # checkpoint RL starts from
+    task_name: str  # registered task name
+    params: dict[str, Any]
+    max_new_tokens: int
+    start: Path  # checkpoint RL starts from (a tiny-model folder with config.json)
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """Keys applied on top of every recipe: the task, the response length and the start's shape
+        (a recipe's ``policy.*`` sizes must match the checkpoint it starts from)."""
+        shape = json.loads((self.start / "config.json").read_text())
+        return (f"task.name={self.task_name}", f"task.params={json.dumps(self.params)}",
+                f"sampling.max_new_tokens={self.max_new_tokens}",
+                *(f"policy.{k}={shape[k]}" for k in ("d_model", "n_layers", "n_heads", "max_len")))
+
+
+def suite_runs(names: list[str] | None, starts: Path) -> list[SuiteRun]:
+    """The suite tasks called ``names`` (all of :data:`offpolicy.suite.SUITE` when None) with the start
+    checkpoints ``benchmarks/suite_starts.py`` recorded in ``starts``."""
+    from offpolicy.suite import SUITE, start_checkpoint, suite_task
+
+    tasks = list(SUITE) if names is None else [suite_task(n) for n in names]
+    if not starts.exists():
+        raise FileNotFoundError(f"{starts} does not exist: make the suite's start checkpoints first "
+                                f"(PYTHONPATH=src python benchmarks/suite_starts.py)")
+    out = []
+    for t in tasks:
+        start = start_checkpoint(t.name, starts)
+        if not (start / "config.json").exists():
+            raise FileNotFoundError(f"start checkpoint {start} of suite task {t.name!r} (from {starts}) is missing: "
+                                    f"rebuild it with benchmarks/suite_starts.py --tasks {t.name}")
+        out.append(SuiteRun(t.name, t.task, dict(t.params), t.max_new_tokens, start))
+    return out
+
+
+def trl_runner(n_eval: int, eval_every: int, prompts_per_step: int = 128, group_size: int = 8) -> "Runner":
+    """TRL's GRPOTrainer as a suite system (:mod:`offpolicy.baselines.trl_grpo`): same start, prompts per
+    step, completions per prompt, completion length, learning rate (1e-4) and evaluation as our recipes."""
+    from offpolicy.baselines.trl_grpo import run_trl, write_run
+
+    def run(task: SuiteRun, seed: int, out: Path, budget: int) -> None:
+        s = {"init": str(task.start), "task": {"name": task.task_name, "params": task.params},
+             "prompts_per_step": prompts_per_step, "group_size": group_size, "max_new_tokens": task.max_new_tokens,
+             "trl_max_steps": math.ceil(budget / (prompts_per_step * group_size)), "trl_budget_s": math.inf,
+             "eval_problems": n_eval, "eval_every": eval_every}
+        write_run(run_trl(seed, s, out, target=None), out, n_eval)
+
+    return run
 
 
 def system_variants(recipes: list[Path], task: SuiteRun, budget: int, eval_every: int,
@@ -194,7 +242,6 @@ def plot_task(rows: list[dict[str, Any]], task: str, path: Path) -> Path:
 
 
 # ---- the whole thing --------------------------------------------------------------------------
-Runner = Callable[[SuiteRun, int, Path, int], None]  # (task, seed, run dir, rollout budget) -> writes the run
 
 
 def compare_suite(recipes: list[Path], tasks: list[SuiteRun], *, seeds: int, out: Path, budget: int,
