@@ -26,6 +26,8 @@ import json
 import math
 import shutil
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -101,8 +103,18 @@ def run_dir(out: Path, label: str, seed: int) -> Path:
 
 
 # ---- running (resumable) -----------------------------------------------------------------------
-def run_all(variants: list[Variant], seeds: int, out: Path, say: Callable[[str], None] = print) -> dict[str, int]:
-    """Run every (variant, seed) that has no ``summary.json`` yet; returns counts of ran / skipped / resumed."""
+def in_subprocess(recipe: Path, overrides: list[str], resume: bool) -> None:
+    """Run ``offpolicy train RECIPE OVERRIDES [--resume]`` in a fresh Python process (its own peak RSS)."""
+    cmd = [sys.executable, "-m", "offpolicy.cli", "train", str(recipe), *overrides, *(["--resume"] if resume else [])]
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}")
+
+
+def run_all(variants: list[Variant], seeds: int, out: Path, say: Callable[[str], None] = print,
+            isolate: bool = False) -> dict[str, int]:
+    """Run every (variant, seed) that has no ``summary.json`` yet; returns counts of ran / skipped / resumed.
+    ``isolate`` runs each in its own process (:func:`in_subprocess`), so a run's peak RSS is its own."""
     counts = {"ran": 0, "skipped": 0, "resumed": 0}
     for v in variants:
         for seed in range(seeds):
@@ -116,9 +128,11 @@ def run_all(variants: list[Variant], seeds: int, out: Path, say: Callable[[str],
                 say(f"[compare] {v.label} seed {seed}: an unfinished run without a checkpoint, starting it over")
                 shutil.rmtree(d)
             say(f"[compare] {v.label} seed {seed}: {'resuming' if resume else 'running'} -> {d}")
-            cfg = load_config(v.recipe, [*v.overrides, f"run.seed={seed}", f"run.out_dir={d}",
-                                         f"run.name={v.label}/seed{seed}"])
-            train(cfg, resume=resume)
+            keys = [*v.overrides, f"run.seed={seed}", f"run.out_dir={d}", f"run.name={v.label}/seed{seed}"]
+            if isolate:
+                in_subprocess(v.recipe, keys, resume)
+            else:
+                train(load_config(v.recipe, keys), resume=resume)
             counts["resumed" if resume else "ran"] += 1
     return counts
 

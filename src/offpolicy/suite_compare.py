@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -80,14 +82,14 @@ def suite_runs(names: list[str] | None, starts: Path) -> list[SuiteRun]:
 def trl_runner(n_eval: int, eval_every: int, prompts_per_step: int = 128, group_size: int = 8) -> "Runner":
     """TRL's GRPOTrainer as a suite system (:mod:`offpolicy.baselines.trl_grpo`): same start, prompts per
     step, completions per prompt, completion length, learning rate (1e-4) and evaluation as our recipes."""
-    from offpolicy.baselines.trl_grpo import run_trl, write_run
-
     def run(task: SuiteRun, seed: int, out: Path, budget: int) -> None:
         s = {"init": str(task.start), "task": {"name": task.task_name, "params": task.params},
              "prompts_per_step": prompts_per_step, "group_size": group_size, "max_new_tokens": task.max_new_tokens,
              "trl_max_steps": math.ceil(budget / (prompts_per_step * group_size)), "trl_budget_s": math.inf,
              "eval_problems": n_eval, "eval_every": eval_every}
-        write_run(run_trl(seed, s, out, target=None), out, n_eval)
+        cmd = [sys.executable, "-m", "offpolicy.baselines.trl_grpo", json.dumps(s), str(seed), str(out), str(n_eval)]
+        if subprocess.run(cmd).returncode != 0:  # its own process: its own peak RSS, TRL's imports stay out of ours
+            raise RuntimeError(f"TRL on {task.task} seed {seed} failed: {' '.join(cmd)}")
 
     return run
 
@@ -255,7 +257,7 @@ def compare_suite(recipes: list[Path], tasks: list[SuiteRun], *, seeds: int, out
     plans = {t.task: system_variants(recipes, t, budget, eval_every, extra) for t in tasks}  # validate all first
     rows: list[dict[str, Any]] = []
     for t in tasks:
-        run_all(plans[t.task], seeds, out / t.task, say)
+        run_all(plans[t.task], seeds, out / t.task, say, isolate=True)
         for name, runner in (external or {}).items():
             for seed in range(seeds):
                 d = out / t.task / name / f"seed{seed}"

@@ -211,3 +211,15 @@ def write_run(result: dict[str, Any], out: Path, n_eval: int) -> None:
                "wall_seconds": result["wall_seconds_excluding_eval"], "stop_reason": result["stop_reason"],
                "versions": result["versions"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m offpolicy.baselines.trl_grpo SETTINGS_JSON SEED OUT N_EVAL``: one TRL run written as a run folder."""
+    import sys
+
+    settings, seed, out, n_eval = (argv if argv is not None else sys.argv[1:])
+    write_run(run_trl(int(seed), json.loads(settings), Path(out), target=None), Path(out), int(n_eval))
+
+
+if __name__ == "__main__":
+    main()
