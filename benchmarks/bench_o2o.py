@@ -1,6 +1,6 @@
 """Offline-to-online on Pendulum-v1: RO2O vs the TD3+BC baseline vs SAC from scratch.
 
-    PYTHONPATH=src python benchmarks/bench_o2o.py          # ~20-25 min on one busy core; writes results/control_o2o.json
+    PYTHONPATH=src python benchmarks/bench_o2o.py     # ~25 min on one busy core; writes results/control_o2o.json
 
 1. Behaviour policy: ``sac`` trained for ``--behaviour-steps`` env steps (a partly trained, "medium" policy);
    its deterministic return is recorded.
@@ -69,7 +69,7 @@ def main() -> None:
     # 1. behaviour policy
     beh = work / "behaviour"
     train(load_control_config(None, [*common, *lrs, f"hp.alpha_lr={args.lr}", "algo=sac", "run.seed=100",
-                                     f"run.total_steps={args.behaviour_steps}", f"hp.learning_starts=1000",
+                                     f"run.total_steps={args.behaviour_steps}", "hp.learning_starts=1000",
                                      f"run.out_dir={beh}"]))
     beh_return = evaluate_checkpoint(beh / "checkpoints", 10)["return_mean"]
     print(f"behaviour policy ({args.behaviour_steps} SAC steps): return {beh_return:.1f}", flush=True)
@@ -121,8 +121,9 @@ def main() -> None:
         ms = lambda xs: f"{statistics.fmean(xs):.1f} ± {statistics.pstdev(xs):.1f}" if xs else "—"  # noqa: E731
         table.append([f"`{algo}`", ms(off), ms(fin), ", ".join(f"{x:.0f}" for x in off) or "—",
                       ", ".join(f"{x:.0f}" for x in fin), f"{statistics.fmean(r['seconds'] for r in rs):.0f}"])
-    md = markdown_table(["algo", f"after {args.offline_updates} offline updates", f"after {args.online_steps} online steps",
-                         "offline per seed", "online per seed", "s / run"], table)
+    md = markdown_table(["algo", f"after {args.offline_updates} offline updates",
+                         f"after {args.online_steps} online steps", "offline per seed", "online per seed", "s / run"],
+                        table)
     print(md)
     payload = {"machine": machine(), "args": vars(args), "behaviour_return": beh_return,
                "dataset": {"transitions": len(rows_data), "episode_return_by_source": data_returns},

@@ -133,7 +133,8 @@ def test_resume_offline_then_online_equals_the_uninterrupted_run(tmp_path):
     s = train(load_control_config(None, [*part, "run.total_steps=20", "hp.online_steps=60", "run.resume=true"]))
     full, fmeta = ckpt.load(tmp_path / "full" / "checkpoints")
     resumed, meta = ckpt.load(tmp_path / "part" / "checkpoints")
-    assert meta["phase"] == "online" and meta["env_step"] == 60 and meta["n_updates"] == 20 + 45  # online updates from env step 16 (a full batch) to 60
+    # online updates from env step 16 (a full batch) to 60
+    assert meta["phase"] == "online" and meta["env_step"] == 60 and meta["n_updates"] == 20 + 45
     assert full.keys() == resumed.keys() and "buffer/obs" in full
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
