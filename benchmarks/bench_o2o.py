@@ -16,6 +16,12 @@ update per env step online, the first update after ``--learning-starts`` online 
 at random before it; the pre-trained agents act with their own stochastic policy). RO2O keeps the authors'
 N = 10 critics, eps = 0.01, eta_1/2/3 = 1e-4 / 0.1 / 1.0 and alpha_ood 1.0 -> 0.1 (0.1 online), but uses
 n = 5 perturbed states per state instead of 20 (CPU cost: an update at n = 20 costs ~30 SAC updates here).
+
+Variant with the dataset kept in RO2O's online buffer (the behaviour policy and dataset are re-made with the
+same seeds; writes results/control_o2o_keep.json):
+
+    PYTHONPATH=src python benchmarks/bench_o2o.py --algos ro2o --ro2o-set online_keep_dataset=true \
+        --work runs/bench_o2o_keep --out control_o2o_keep
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--sample-size", type=int, default=5, help="RO2O's n (authors: 20)")
     p.add_argument("--algos", nargs="+", default=["ro2o", "td3_bc", "sac"])
+    p.add_argument("--ro2o-set", nargs="*", default=[], help="extra ro2o hp overrides: online_keep_dataset=true")
     p.add_argument("--work", default="runs/bench_o2o")
     p.add_argument("--out", default="control_o2o")
     args = p.parse_args()
@@ -99,7 +106,8 @@ def main() -> None:
                 o += [f"hp.dataset={data}", f"run.total_steps={args.offline_updates}",
                       f"hp.online_steps={args.online_steps}", f"hp.learning_starts={args.learning_starts}"]
                 if algo == "ro2o":
-                    o += [f"hp.alpha_lr={args.lr}", f"hp.sample_size={args.sample_size}"]
+                    o += [f"hp.alpha_lr={args.lr}", f"hp.sample_size={args.sample_size}",
+                          *(f"hp.{kv}" for kv in args.ro2o_set)]
             t0 = time.perf_counter()
             s = train(load_control_config(None, o))
             secs = time.perf_counter() - t0
