@@ -24,6 +24,7 @@ def _register_all() -> None:
     from offpolicy.control.flashsac import FlashSAC
     from offpolicy.control.mdpo_off import MDPOOff
     from offpolicy.control.onpolicy import PPO, PPOPROPS
+    from offpolicy.control.ro2o import RO2O
     from offpolicy.control.td3 import TD3
     from offpolicy.control.td3_bc import TD3BC
 
@@ -33,6 +34,7 @@ def _register_all() -> None:
     register("mdpo_off")(MDPOOff)
     register("flashsac")(FlashSAC)
     register("td3_bc")(TD3BC)
+    register("ro2o")(RO2O)
     register("ppo")(PPO)
     register("ppo_props")(PPOPROPS)
 

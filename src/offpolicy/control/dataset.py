@@ -81,7 +81,17 @@ def read_dataset(path: str | Path, obs_dim: int | None = None, act_dim: int | No
 
 def collect(sources: list[tuple[str, int]], out: str | Path, env_id: str | None = None, seed: int = 0,
             deterministic: bool = False) -> dict:
-    """Roll out each (source, episodes): ``random`` (uniform actions) or a checkpoint; write JSON lines."""
+    """Roll out each (source, episodes): ``random`` (uniform actions) or a checkpoint; write JSON lines.
+
+    Reproducible: the actions are drawn from torch's RNG seeded with ``seed`` (forked, so the caller's RNG state
+    is untouched) and the episodes are reset with seeds derived from ``seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _collect(sources, out, env_id, seed, deterministic)
+
+
+def _collect(sources: list[tuple[str, int]], out: str | Path, env_id: str | None, seed: int,
+             deterministic: bool) -> dict:
     from offpolicy.control.cli import load_agent
     from offpolicy.control.config import EnvConfig
     from offpolicy.control.envs import Envs

@@ -11,11 +11,16 @@ rescales the Q term by the batch's mean |Q|:
 
 Defaults (paper): alpha 2.5; TD3's (lr 3e-4, batch 256, 2 x 256, policy noise 0.2 clipped at 0.5, delay 2,
 tau 0.005, gamma 0.99); 1M gradient steps in the paper (recipes use fewer).
+
+Online fine-tuning (``hp.online_steps``, not in the paper): the same losses (BC term included) continue on a
+buffer of new transitions collected with the actor plus TD3's Gaussian exploration noise; the loop is
+``offpolicy.control.offline``. It is the simplest "+ N online steps" baseline, not a tuned O2O method.
 """
 
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from offpolicy.control.td3 import TD3, TD3Config
 
@@ -23,8 +28,10 @@ from offpolicy.control.td3 import TD3, TD3Config
 class TD3BCConfig(TD3Config):
     dataset: str = ""  # JSON-lines dataset (offpolicy control collect)
     bc_alpha: float | None = 2.5  # alpha: weight of the RL term relative to behaviour cloning
-    learning_starts: int = 0  # unused offline
+    learning_starts: int = 0  # online phase only: online transitions before the first online update
     normalize_obs: bool = True  # normalise observations by the dataset's statistics
+    online_steps: int = Field(0, ge=0)  # env steps of online fine-tuning after run.total_steps offline updates
+    online_keep_dataset: bool = False  # online buffer starts with the dataset (False: online data only)
 
 
 class TD3BC:
@@ -53,7 +60,7 @@ class TD3BC:
         return (obs - n.mean) / n.std
 
     def observe(self, reward, terminated, truncated) -> None:
-        """Per-step hook (offline-to-online fine-tuning would call it; unused)."""
+        """Per-step hook of the online phase (unused)."""
 
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         return self.td3.act(self._norm(obs), deterministic)
