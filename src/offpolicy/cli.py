@@ -223,7 +223,9 @@ def _compare_suite(args: list[str], suite: str, *, trl: bool, seeds: int, out: P
             raise ConfigError("compare --suite needs at least one recipe (e.g. recipes/default.yaml)")
         names = None if suite == "all" else [n.strip() for n in suite.split(",") if n.strip()]
         tasks = suite_runs(names, starts)
-        external = {"trl": trl_runner(eval_problems, eval_every)} if trl else None
+        threads = [o.split("=", 1)[1] for o in overrides if o.startswith("run.threads=")]  # TRL gets ours
+        external = {"trl": trl_runner(eval_problems, eval_every, threads=int(threads[-1]) if threads else 2)} \
+            if trl else None
         budgets = sorted({max(1, rollouts // 4), max(1, rollouts // 2), rollouts})
         result = compare_suite(recipes, tasks, seeds=seeds, out=out, budget=rollouts, budgets=budgets,
                                eval_every=eval_every, n_eval=eval_problems, overrides=overrides, external=external,

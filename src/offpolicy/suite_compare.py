@@ -79,14 +79,16 @@ def suite_runs(names: list[str] | None, starts: Path) -> list[SuiteRun]:
     return out
 
 
-def trl_runner(n_eval: int, eval_every: int, prompts_per_step: int = 128, group_size: int = 8) -> "Runner":
+def trl_runner(n_eval: int, eval_every: int, prompts_per_step: int = 128, group_size: int = 8,
+               threads: int = 2) -> "Runner":
     """TRL's GRPOTrainer as a suite system (:mod:`offpolicy.baselines.trl_grpo`): same start, prompts per
-    step, completions per prompt, completion length, learning rate (1e-4) and evaluation as our recipes."""
+    step, completions per prompt, completion length, learning rate (1e-4), torch threads and evaluation
+    as our recipes."""
     def run(task: SuiteRun, seed: int, out: Path, budget: int) -> None:
         s = {"init": str(task.start), "task": {"name": task.task_name, "params": task.params},
              "prompts_per_step": prompts_per_step, "group_size": group_size, "max_new_tokens": task.max_new_tokens,
              "trl_max_steps": math.ceil(budget / (prompts_per_step * group_size)), "trl_budget_s": math.inf,
-             "eval_problems": n_eval, "eval_every": eval_every}
+             "eval_problems": n_eval, "eval_every": eval_every, "threads": threads}
         cmd = [sys.executable, "-m", "offpolicy.baselines.trl_grpo", json.dumps(s), str(seed), str(out), str(n_eval)]
         if subprocess.run(cmd).returncode != 0:  # its own process: its own peak RSS, TRL's imports stay out of ours
             raise RuntimeError(f"TRL on {task.task} seed {seed} failed: {' '.join(cmd)}")

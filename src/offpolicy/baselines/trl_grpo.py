@@ -11,7 +11,7 @@ passes no ``position_ids``), rewards through the task's own ``task.score`` on th
 held-out greedy accuracy with offpolicy's ``evaluate`` on the eval set a run with the same seed uses.
 Settings (``s``): ``init``, ``task`` ({name, params}), ``prompts_per_step``, ``group_size``,
 ``max_new_tokens``, ``trl_max_steps``, ``trl_budget_s``, ``eval_problems``, ``eval_every``, and
-optionally ``lr`` (1e-4) and ``temperature`` (1.0). ``beta=0`` (no KL, no reference model),
+optionally ``lr`` (1e-4), ``temperature`` (1.0) and ``threads`` (torch threads, 2). ``beta=0`` (no KL, no reference model),
 ``loss_type="grpo"``, group-std-scaled rewards, one optimizer step per generation batch.
 :func:`write_run` stores a result as a run folder (``metrics.jsonl`` + ``summary.json``) that
 :mod:`offpolicy.compare` reads like one of ours.
@@ -51,7 +51,7 @@ def run_trl(seed: int, s: dict[str, Any], out: Path, target: float | None) -> di
     from offpolicy.rollout.engines import HFEngine
     from offpolicy.train.evaluate import evaluate
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(s.get("threads", 2))
     if out.exists():
         shutil.rmtree(out)
     hf_dir = export_hf(Path(s["init"]), out / "exported_sft")
@@ -86,7 +86,7 @@ def run_trl(seed: int, s: dict[str, Any], out: Path, target: float | None) -> di
     )
     trainer = GRPOTrainer(model=model, reward_funcs=task_reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer)
-    torch.set_num_threads(2)
+    torch.set_num_threads(s.get("threads", 2))
     model = trainer.model
     gen = {"seconds": 0.0, "calls": 0, "evaluating": False}
     original_generate = model.generate
