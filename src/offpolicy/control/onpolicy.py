@@ -72,6 +72,7 @@ def train_on_policy(cfg: ControlConfig) -> dict:
     dump_control_config(cfg, out / "config.yaml")
     log, bar = MetricsLog(out), Progress(iters * hp.num_steps * n_env, step, run.progress, f"{cfg.algo} {cfg.env.id}")
     t0, s0, last_ret = time.perf_counter(), step, None
+    eval_seconds = 0.0  # time spent in evaluations (reported so callers can leave it out of speed numbers)
 
     def ordered() -> torch.Tensor:  # buffer rows, oldest first
         return (torch.arange(cap) + pos) % cap if filled == cap else torch.arange(filled)
@@ -134,7 +135,9 @@ def train_on_policy(cfg: ControlConfig) -> dict:
         bar.update(step, f"return {last_ret:.1f}" if last_ret is not None else "")
         per_iter = hp.num_steps * n_env
         if run.eval_every > 0 and step // run.eval_every > (step - per_iter) // run.eval_every:
+            te = time.perf_counter()
             rets = evaluate(lambda o: agent.act(o, deterministic=True), cfg.env, run.eval_episodes, run.seed)
+            eval_seconds += time.perf_counter() - te
             log.log({"global_step": step, "eval/return_mean": sum(rets) / len(rets)})
         every = run.checkpoint_every
         if it == iters or (every > 0 and step // every > (step - per_iter) // every):
@@ -150,7 +153,7 @@ def train_on_policy(cfg: ControlConfig) -> dict:
     log.close()
     plot_returns(out)
     summary = {"algo": cfg.algo, "env": cfg.env.id, "seed": run.seed, "steps": step,
-               "last_episodic_return": last_ret, "seconds": time.perf_counter() - t0}
+               "last_episodic_return": last_ret, "seconds": time.perf_counter() - t0, "eval_seconds": eval_seconds}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
