@@ -21,7 +21,7 @@ from offpolicy.control import checkpoint as ckpt
 from offpolicy.control.config import ControlConfig, dump_control_config
 from offpolicy.control.envs import Envs, evaluate
 from offpolicy.control.loop import agent_state, load_agent_state
-from offpolicy.control.ppo import PPOAgent, PPOConfig, gae, ppo_update
+from offpolicy.control.ppo import PPOAgent, PPOConfig, gae, ppo_update, sampling_error
 from offpolicy.control.ppo_props import PROPSConfig, props_update
 from offpolicy.control.report import MetricsLog, Progress, plot_returns, to_floats
 
@@ -72,7 +72,7 @@ def train_on_policy(cfg: ControlConfig) -> dict:
     dump_control_config(cfg, out / "config.yaml")
     log, bar = MetricsLog(out), Progress(iters * hp.num_steps * n_env, step, run.progress, f"{cfg.algo} {cfg.env.id}")
     t0, s0, last_ret = time.perf_counter(), step, None
-    eval_seconds = 0.0  # time spent in evaluations (reported so callers can leave it out of speed numbers)
+    eval_seconds = 0.0  # time in evaluations and sampling-error measurements (callers leave it out of speed numbers)
 
     def ordered() -> torch.Tensor:  # buffer rows, oldest first
         return (torch.arange(cap) + pos) % cap if filled == cap else torch.arange(filled)
@@ -125,12 +125,18 @@ def train_on_policy(cfg: ControlConfig) -> dict:
             flat = {"obs": data["obs"].flatten(0, 1), "act": data["act"].flatten(0, 1), "adv": adv.flatten(),
                     "ret": (adv + value).flatten(), "value": value.flatten()}
             flat["logp"] = actor.log_prob(flat["obs"], flat["act"])  # recomputed under pi_theta
+        se_stats = {}
+        if hp.sampling_error_every and (it + 1) % hp.sampling_error_every == 0:  # the data PPO is about to train on
+            te = time.perf_counter()
+            se_stats["props/sampling_error"] = sampling_error(actor, flat["obs"], flat["act"],
+                                                              hp.sampling_error_epochs, hp.sampling_error_lr)
+            eval_seconds += time.perf_counter() - te
         stats = ppo_update(agent, flat, hp)
         if props:
             props_stats = behaviour_step() or props_stats
         it += 1
         sps = (step - s0) / (time.perf_counter() - t0)
-        log.log({"global_step": step, **to_floats({**stats, **props_stats}), "charts/SPS": sps,
+        log.log({"global_step": step, **to_floats({**stats, **props_stats, **se_stats}), "charts/SPS": sps,
                  "charts/learning_rate": agent.opts["ppo"].param_groups[0]["lr"]})
         bar.update(step, f"return {last_ret:.1f}" if last_ret is not None else "")
         per_iter = hp.num_steps * n_env
