@@ -64,7 +64,8 @@ def run_ours(algo: str, a, seed: int, out: Path, reward_scale: float = 1.0) -> d
               f"run.eval_every={a.eval_every}", f"run.eval_episodes={a.eval_episodes}"]
     if algo in ("ppo", "ppo_props"):  # SB3 PPO's defaults: constant lr, no value clipping, no obs / reward normalisation
         cfg = load_control_config(None, [*common, "hp.anneal_lr=false", "hp.clip_vloss=false", "hp.norm_obs=false",
-                                         "hp.norm_reward=false", f"hp.hidden={a.hidden}"])
+                                         "hp.norm_reward=false", f"hp.hidden={a.hidden}",
+                                         f"hp.sampling_error_every={a.sampling_error_every}"])
     else:
         cfg = load_control_config(None, [*common, *off_policy_overrides(algo, a)])
     from offpolicy.control.cli import load_agent
@@ -74,9 +75,11 @@ def run_ours(algo: str, a, seed: int, out: Path, reward_scale: float = 1.0) -> d
     seconds = time.perf_counter() - t0 - summary.get("eval_seconds", 0.0)  # evaluations are not training time
     agent, _ = load_agent(out / "checkpoints")
     rets = evaluate(lambda o: agent.act(o, deterministic=True), EnvConfig(id=a.env), 10, seed)
-    curve = [[r["global_step"], round(r["eval/return_mean"], 2)] for r in map(json.loads, (out / "metrics.jsonl")
-             .read_text().splitlines()) if "eval/return_mean" in r]
-    return {"final_return": statistics.fmean(rets), "seconds": seconds, "curve": curve}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [[r["global_step"], round(r["eval/return_mean"], 2)] for r in records if "eval/return_mean" in r]
+    se = [[r["global_step"], round(r["props/sampling_error"], 5)] for r in records if "props/sampling_error" in r]
+    return {"final_return": statistics.fmean(rets), "seconds": seconds, "curve": curve,
+            **({"sampling_error": se} if se else {})}
 
 
 def run_sb3(algo: str, a, seed: int) -> dict:
@@ -142,6 +145,9 @@ def main() -> None:
                    help="keep the rows of other algorithms already in --out (add an algorithm to an earlier run)")
     p.add_argument("--flashsac-hidden", type=int, default=None, help="flashsac block width (default: --hidden[0])")
     p.add_argument("--flashsac-blocks", type=int, default=1, help="flashsac blocks of actor and critics")
+    p.add_argument("--no-sb3", action="store_true", help="ours only (e.g. ppo vs ppo_props)")
+    p.add_argument("--sampling-error-every", type=int, default=0,
+                   help="ppo / ppo_props: log PROPS's sampling error every this many iterations (0 = off)")
     p.add_argument("--redraw", action="store_true", help="only redraw the PNG from an existing --out JSON")
     p.add_argument("--reward-scales", type=float, nargs="+", default=None,
                    help="sweep env.reward_scale for our algorithms instead of the SB3 comparison")
@@ -166,13 +172,16 @@ def main() -> None:
         a.prior_settings = old.get("settings")
     for seed in a.seeds:
         for algo in a.algos:
-            for lib in (["ours", "sb3"] if algo in ("sac", "td3", "ppo") else ["ours"]):
+            for lib in (["ours", "sb3"] if algo in ("sac", "td3", "ppo") and not a.no_sb3 else ["ours"]):
                 r = (run_ours(algo, a, seed, work / f"{algo}_{a.env}_{seed}") if lib == "ours"
                      else run_sb3(algo, a, seed))
                 row = {"env": a.env, "algo": algo if lib == "ours" else f"sb3_{algo}", "seed": seed, "steps": a.steps,
                        "final_return": round(r["final_return"], 2),
                        "seconds_per_1k_steps": round(1000 * r["seconds"] / a.steps, 3), "net": net_name(algo, a),
                        "learning_starts": a.learning_starts, "curve": r["curve"]}
+                if "sampling_error" in r:  # PROPS's measure, every --sampling-error-every PPO iterations
+                    row["sampling_error_mean"] = round(statistics.fmean(v for _, v in r["sampling_error"]), 5)
+                    row["sampling_error"] = r["sampling_error"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 result = write_result(a, prior + rows)  # after every run: a cut-off benchmark keeps what finished
@@ -210,6 +219,10 @@ def write_result(a, rows: list[dict]) -> dict:
         fr = [r["final_return"] for r in rows if r["algo"] == name]
         summary[name] = {"return_mean": round(statistics.fmean(fr), 1), "return_std": round(statistics.pstdev(fr), 1),
                          "seeds": len(fr), "seconds_per_1k_steps": round(per_1k(name), 3)}
+        se = [r["sampling_error_mean"] for r in rows if r["algo"] == name and "sampling_error_mean" in r]
+        if se:
+            summary[name]["sampling_error_mean"] = round(statistics.fmean(se), 5)
+            summary[name]["sampling_error_std"] = round(statistics.pstdev(se), 5)
     result["summary"] = summary
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
@@ -219,27 +232,32 @@ def write_result(a, rows: list[dict]) -> dict:
 
 
 def plot_curves(rows: list[dict], path: str, settings: dict) -> None:
-    """Evaluation return vs environment steps: mean over seeds per algorithm, band = min..max over seeds."""
+    """Evaluation return vs environment steps: mean over seeds per algorithm, band = min..max over seeds
+    (and a second panel with PROPS's sampling error where the rows have it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name in dict.fromkeys(r["algo"] for r in rows):
-        curves = [dict(map(tuple, r["curve"])) for r in rows if r["algo"] == name and r.get("curve")]
-        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        if not steps:
-            continue
-        vals = [[c[s] for c in curves] for s in steps]
-        ax.plot(steps, [statistics.fmean(v) for v in vals], marker="o", markersize=3, linewidth=1.2,
-                label=f"{name} ({len(curves)} seeds)", linestyle="--" if name.startswith("sb3_") else "-")
-        ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.15)
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel(f"eval return ({settings.get('curve_eval_episodes', 5)} episodes)")
-    ax.set_title(f"{rows[0]['env']}: mean over seeds, band = min..max", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [("curve", f"eval return ({settings.get('curve_eval_episodes', 5)} episodes)")]
+    if any(r.get("sampling_error") for r in rows):
+        panels.append(("sampling_error", "sampling error KL(pi_D || pi)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), squeeze=False)
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        for name in dict.fromkeys(r["algo"] for r in rows):
+            curves = [dict(map(tuple, r[key])) for r in rows if r["algo"] == name and r.get(key)]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if not steps:
+                continue
+            vals = [[c[s] for c in curves] for s in steps]
+            ax.plot(steps, [statistics.fmean(v) for v in vals], marker="o", markersize=3, linewidth=1.2,
+                    label=f"{name} ({len(curves)} seeds)", linestyle="--" if name.startswith("sb3_") else "-")
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.15)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{rows[0]['env']}: mean over seeds, band = min..max", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -247,19 +265,19 @@ def plot_curves(rows: list[dict], path: str, settings: dict) -> None:
 
 def reward_scale_sweep(a) -> None:
     rows = []
+    out = Path(a.out).with_name("control_reward_scale.json") if a.out == str(RESULTS / "control.json") else Path(a.out)
     for seed in a.seeds:
         for scale in a.reward_scales:
             for algo in a.algos:
                 r = run_ours(algo, a, seed, Path("runs/bench_control") / f"{algo}_scale{scale}_{seed}", scale)
                 row = {"env": a.env, "algo": algo, "seed": seed, "steps": a.steps, "reward_scale": scale,
-                       "final_return": round(r["final_return"], 2)}
+                       "final_return": round(r["final_return"], 2), **({"curve": r["curve"]} if r["curve"] else {})}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    out = Path(a.out).with_name("control_reward_scale.json") if a.out == str(RESULTS / "control.json") else Path(a.out)
-    out.write_text(json.dumps({"benchmark": "control_reward_scale", "short": a.short, "machine": machine(),
-                               "settings": {"env": a.env, "steps": a.steps, "lr": a.lr, "hidden": a.hidden,
-                                            "learning_starts": a.learning_starts, "seeds": a.seeds},
-                               "rows": rows}, indent=1))
+                out.write_text(json.dumps({"benchmark": "control_reward_scale", "short": a.short, "machine": machine(),
+                                           "settings": {"env": a.env, "steps": a.steps, "lr": a.lr, "hidden": a.hidden,
+                                                        "learning_starts": a.learning_starts, "seeds": a.seeds},
+                                           "rows": rows}, indent=1))  # after every run: partial sweeps survive
     print("| reward scale | " + " | ".join(a.algos) + " |\n|---|" + "---|" * len(a.algos))
     for scale in a.reward_scales:
         cells = [statistics.fmean(r["final_return"] for r in rows if r["algo"] == al and r["reward_scale"] == scale)
