@@ -59,13 +59,16 @@ def off_policy_overrides(algo: str, a) -> list[str]:
 
 
 def run_ours(algo: str, a, seed: int, out: Path, reward_scale: float = 1.0) -> dict:
+    variant = []
+    if algo == "ppo_buffer":  # PROPS's "PPO-Buffer" control: PROPS's b-batch buffer, on-policy sampling (no adaptation)
+        algo, variant = "ppo_props", ["hp.props_lr=0"]
     common = [f"algo={algo}", f"env.id={a.env}", f"env.reward_scale={reward_scale}", f"run.total_steps={a.steps}",
               f"run.seed={seed}", "run.progress=false", f"run.out_dir={out}", "run.log_every=100000",
               f"run.eval_every={a.eval_every}", f"run.eval_episodes={a.eval_episodes}"]
     if algo in ("ppo", "ppo_props"):  # SB3 PPO's defaults: constant lr, no value clipping, no obs / reward normalisation
         cfg = load_control_config(None, [*common, "hp.anneal_lr=false", "hp.clip_vloss=false", "hp.norm_obs=false",
                                          "hp.norm_reward=false", f"hp.hidden={a.hidden}",
-                                         f"hp.sampling_error_every={a.sampling_error_every}"])
+                                         f"hp.sampling_error_every={a.sampling_error_every}", *variant])
     else:
         cfg = load_control_config(None, [*common, *off_policy_overrides(algo, a)])
     from offpolicy.control.cli import load_agent
@@ -196,7 +199,7 @@ def main() -> None:
 def net_name(algo: str, a) -> str:
     if algo == "flashsac":
         return f"flashsac {a.flashsac_blocks} block(s) x {a.flashsac_hidden or a.hidden[0]} (4x inside), batch 256"
-    return "x".join(map(str, a.hidden)) + (" tanh" if algo in ("ppo", "ppo_props") else " relu")
+    return "x".join(map(str, a.hidden)) + (" tanh" if algo in ("ppo", "ppo_props", "ppo_buffer") else " relu")
 
 
 def write_result(a, rows: list[dict]) -> dict:

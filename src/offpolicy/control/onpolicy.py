@@ -80,7 +80,7 @@ def train_on_policy(cfg: ControlConfig) -> dict:
     def behaviour_step() -> dict:
         """PROPS: pi_phi <- pi_theta, then adapt it on the buffer (once the buffer has filled)."""
         agent.nets["behaviour"].load_state_dict(actor.state_dict())
-        if filled < cap:
+        if filled < cap or props.props_lr == 0:  # props_lr 0: no adaptation, so skip the no-op Adam epochs
             return {}
         rows = ordered()[props.props_num_steps:]  # the oldest chunk is evicted before the next update
         obs, act = store["obs"][rows].flatten(0, 1), store["act"][rows].flatten(0, 1)
