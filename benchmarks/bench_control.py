@@ -14,15 +14,32 @@ PPO vs SB3 PPO (speed; 3 iterations of 2048 steps, SB3's defaults on both sides,
     PYTHONPATH=src python benchmarks/bench_control.py --algos ppo --steps 6144 --hidden 64 64 --seeds 0 1 2 \
         --out benchmarks/results/control_ppo.json
 
-Longer:  ... --env Pendulum-v1 --steps 20000 --seeds 0 1 2 --hidden 256 256
-         ... --env HalfCheetah-v5 --steps 100000 --learning-starts 5000 --lr 3e-4 --hidden 256 256  (needs mujoco)
+MuJoCo with returns-vs-steps curves (what ran on 2026-12-07; ~45 / ~18 min on the shared 2-core machine;
+writes the JSON and a PNG of the curves beside it):
+
+    PYTHONPATH=src python benchmarks/bench_control.py --env HalfCheetah-v5 --steps 15000 --learning-starts 5000 \
+        --lr 3e-4 --hidden 256 256 --seeds 0 1 2 --eval-every 2500 --eval-episodes 5 --algos sac dsac_t \
+        --out benchmarks/results/control_halfcheetah.json
+    ... --env Hopper-v5 --steps 10000 --learning-starts 2500 ... --out benchmarks/results/control_hopper.json
+
+PROPS's sampling error vs PPO and PPO-Buffer (``ppo_buffer`` = ``ppo_props`` with ``props_lr=0``):
+
+    PYTHONPATH=src python benchmarks/bench_control.py --algos ppo ppo_props ppo_buffer --no-sb3 --steps 12288 \
+        --hidden 64 64 --eval-every 2048 --sampling-error-every 1 --out benchmarks/results/control_props.json
+
+``--eval-every N`` evaluates every N env steps (``--eval-episodes`` deterministic episodes, the same evaluation
+seeds for both libraries: ours through the loop's ``run.eval_every``, SB3 through a callback calling the same
+``evaluate``); the time spent there is subtracted from seconds per 1k steps on both sides. ``--append`` adds
+algorithms to an existing result file; the file is rewritten after every run, so a cut-off benchmark keeps
+what finished.
 
 Both libraries get the same environment, steps, network sizes (actor and critics), learning rate, batch,
 buffer, warm-up, replay ratio (1 gradient step per env step), gamma, tau and seeds; one torch thread each;
 the runs alternate (ours, SB3, ours, ...) so load from other jobs hits both alike. ``final_return`` is the
 mean undiscounted return of 10 deterministic episodes after training, on the same evaluation seeds for
-both; seconds per 1k env steps cover the whole run (warm-up included). ``dsac_t`` (ours only) runs with the
-same sizes and learning rate as ``sac``; ``flashsac`` keeps its block architecture at the same width (1 block) and
+both; seconds per 1k env steps cover the whole run (warm-up included, evaluations excluded). ``dsac_t`` (ours only) runs with the
+same sizes and learning rate as ``sac``; ``flashsac`` keeps its block architecture at the same width (1 block;
+``--flashsac-hidden`` / ``--flashsac-blocks`` change it) and
 batch. The budget is small: read the returns as "learned / did not learn yet", not as a ranking. Rows for SB3 are prefixed ``sb3_``. Nothing here is hard-coded.
 """
 
