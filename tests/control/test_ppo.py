@@ -10,7 +10,7 @@ import torch
 from offpolicy.control import checkpoint as ckpt
 from offpolicy.control.config import load_control_config
 from offpolicy.control.loop import train
-from offpolicy.control.ppo import gae, ppo_loss
+from offpolicy.control.ppo import GaussianPolicy, gae, ppo_loss, sampling_error
 from offpolicy.control.ppo_props import props_loss
 
 ON = ["run.progress=false", "run.threads=1", "hp.hidden=[8,8]", "hp.num_steps=32", "hp.num_minibatches=4",
@@ -69,6 +69,40 @@ def test_props_adapts_the_behaviour_policy(tmp_path):
     t, _ = ckpt.load(tmp_path / "checkpoints")
     assert not torch.equal(t["nets/behaviour.mean.0.weight"], t["nets/actor.mean.0.weight"])
     assert "props/approx_kl" in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_sampling_error_is_the_kl_of_the_fitted_gaussian_by_hand():
+    # Identical observations: the mean is the last layer's bias alone, so pi_D is the maximum-likelihood Gaussian
+    # of the actions (sample mean m, biased std s) and the estimate mean(log pi_D - log pi_theta) equals
+    # KL(N(m, s^2) || N(0, 1)) = -log s + (s^2 + m^2) / 2 - 1/2 exactly (pi_theta = N(0, 1) at initialisation).
+    torch.manual_seed(0)
+    pi = GaussianPolicy(1, 1, [4], "tanh")
+    obs, act = torch.zeros(400, 1), 0.3 + 0.6 * torch.randn(400, 1)
+    m, s = act.mean().item(), act.std(unbiased=False).item()
+    assert pi.dist(obs[:1]).mean.item() == pytest.approx(0.0, abs=1e-6) and pi.log_std.item() == 0.0
+    kl = -math.log(s) + (s * s + m * m) / 2 - 0.5
+    assert sampling_error(pi, obs, act, epochs=3000, lr=1e-2).item() == pytest.approx(kl, abs=1e-4)
+    assert pi.log_std.item() == 0.0  # the policy itself is untouched
+
+
+def test_sampling_error_shrinks_with_more_on_policy_samples():
+    torch.manual_seed(1)
+    pi = GaussianPolicy(3, 2, [8], "tanh")
+    errors = []
+    for n in (64, 4096):
+        obs = torch.randn(n, 3)
+        with torch.no_grad():
+            act = pi.dist(obs).sample()
+        errors.append(sampling_error(pi, obs, act, epochs=500, lr=1e-2).item())
+    assert 0.0 <= errors[1] < errors[0]  # finite on-policy batches are never exactly on-policy; more data, less error
+
+
+def test_sampling_error_is_logged_for_ppo_and_props(tmp_path):
+    for algo in ("ppo", "ppo_props"):
+        train(load_control_config(None, [*ON, "run.total_steps=96", f"algo={algo}", f"run.out_dir={tmp_path / algo}",
+                                         "hp.sampling_error_every=1", "hp.sampling_error_epochs=10"]
+                                  + (["hp.props_num_steps=8"] if algo == "ppo_props" else [])))
+        assert (tmp_path / algo / "metrics.jsonl").read_text().count("props/sampling_error") == 3
 
 
 class _Interrupted(Exception):

@@ -93,6 +93,7 @@ def train(cfg: ControlConfig) -> dict:
     log, bar = MetricsLog(out), Progress(run.total_steps, step, run.progress, f"{cfg.algo} {cfg.env.id}")
     n, scale, last_ret, t0, s0 = len(envs), cfg.env.reward_scale, None, time.perf_counter(), step
     metrics: dict = {}
+    eval_seconds = 0.0  # time spent in evaluations, so callers can report training speed without it
 
     def crossed(every: int) -> bool:
         return every > 0 and step // every > (step - n) // every
@@ -119,7 +120,9 @@ def train(cfg: ControlConfig) -> dict:
             log.log({"global_step": step, **to_floats(metrics), "charts/SPS": sps})
             bar.update(step, f"return {last_ret:.1f}" if last_ret is not None else "")
         if crossed(run.eval_every):
+            te = time.perf_counter()
             rets = evaluate(lambda o: agent.act(o, deterministic=True), cfg.env, run.eval_episodes, run.seed)
+            eval_seconds += time.perf_counter() - te
             log.log({"global_step": step, "eval/return_mean": sum(rets) / len(rets)})
         if crossed(run.checkpoint_every) or step >= run.total_steps:
             save_run(out, agent, buffer, envs, step, n_updates)
@@ -127,7 +130,7 @@ def train(cfg: ControlConfig) -> dict:
     log.close()
     plot_returns(out)
     summary = {"algo": cfg.algo, "env": cfg.env.id, "seed": run.seed, "steps": step,
-               "last_episodic_return": last_ret, "seconds": time.perf_counter() - t0}
+               "last_episodic_return": last_ret, "seconds": time.perf_counter() - t0, "eval_seconds": eval_seconds}
     (out / "summary.json").write_text(__import__("json").dumps(summary, indent=1))
     return summary
 

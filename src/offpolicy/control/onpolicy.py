@@ -21,7 +21,7 @@ from offpolicy.control import checkpoint as ckpt
 from offpolicy.control.config import ControlConfig, dump_control_config
 from offpolicy.control.envs import Envs, evaluate
 from offpolicy.control.loop import agent_state, load_agent_state
-from offpolicy.control.ppo import PPOAgent, PPOConfig, gae, ppo_update
+from offpolicy.control.ppo import PPOAgent, PPOConfig, gae, ppo_update, sampling_error
 from offpolicy.control.ppo_props import PROPSConfig, props_update
 from offpolicy.control.report import MetricsLog, Progress, plot_returns, to_floats
 
@@ -72,6 +72,7 @@ def train_on_policy(cfg: ControlConfig) -> dict:
     dump_control_config(cfg, out / "config.yaml")
     log, bar = MetricsLog(out), Progress(iters * hp.num_steps * n_env, step, run.progress, f"{cfg.algo} {cfg.env.id}")
     t0, s0, last_ret = time.perf_counter(), step, None
+    eval_seconds = 0.0  # time in evaluations and sampling-error measurements (callers leave it out of speed numbers)
 
     def ordered() -> torch.Tensor:  # buffer rows, oldest first
         return (torch.arange(cap) + pos) % cap if filled == cap else torch.arange(filled)
@@ -79,7 +80,7 @@ def train_on_policy(cfg: ControlConfig) -> dict:
     def behaviour_step() -> dict:
         """PROPS: pi_phi <- pi_theta, then adapt it on the buffer (once the buffer has filled)."""
         agent.nets["behaviour"].load_state_dict(actor.state_dict())
-        if filled < cap:
+        if filled < cap or props.props_lr == 0:  # props_lr 0: no adaptation, so skip the no-op Adam epochs
             return {}
         rows = ordered()[props.props_num_steps:]  # the oldest chunk is evicted before the next update
         obs, act = store["obs"][rows].flatten(0, 1), store["act"][rows].flatten(0, 1)
@@ -124,17 +125,25 @@ def train_on_policy(cfg: ControlConfig) -> dict:
             flat = {"obs": data["obs"].flatten(0, 1), "act": data["act"].flatten(0, 1), "adv": adv.flatten(),
                     "ret": (adv + value).flatten(), "value": value.flatten()}
             flat["logp"] = actor.log_prob(flat["obs"], flat["act"])  # recomputed under pi_theta
+        se_stats = {}
+        if hp.sampling_error_every and (it + 1) % hp.sampling_error_every == 0:  # the data PPO is about to train on
+            te = time.perf_counter()
+            se_stats["props/sampling_error"] = sampling_error(actor, flat["obs"], flat["act"],
+                                                              hp.sampling_error_epochs, hp.sampling_error_lr)
+            eval_seconds += time.perf_counter() - te
         stats = ppo_update(agent, flat, hp)
         if props:
             props_stats = behaviour_step() or props_stats
         it += 1
         sps = (step - s0) / (time.perf_counter() - t0)
-        log.log({"global_step": step, **to_floats({**stats, **props_stats}), "charts/SPS": sps,
+        log.log({"global_step": step, **to_floats({**stats, **props_stats, **se_stats}), "charts/SPS": sps,
                  "charts/learning_rate": agent.opts["ppo"].param_groups[0]["lr"]})
         bar.update(step, f"return {last_ret:.1f}" if last_ret is not None else "")
         per_iter = hp.num_steps * n_env
         if run.eval_every > 0 and step // run.eval_every > (step - per_iter) // run.eval_every:
+            te = time.perf_counter()
             rets = evaluate(lambda o: agent.act(o, deterministic=True), cfg.env, run.eval_episodes, run.seed)
+            eval_seconds += time.perf_counter() - te
             log.log({"global_step": step, "eval/return_mean": sum(rets) / len(rets)})
         every = run.checkpoint_every
         if it == iters or (every > 0 and step // every > (step - per_iter) // every):
@@ -150,7 +159,7 @@ def train_on_policy(cfg: ControlConfig) -> dict:
     log.close()
     plot_returns(out)
     summary = {"algo": cfg.algo, "env": cfg.env.id, "seed": run.seed, "steps": step,
-               "last_episodic_return": last_ret, "seconds": time.perf_counter() - t0}
+               "last_episodic_return": last_ret, "seconds": time.perf_counter() - t0, "eval_seconds": eval_seconds}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -62,6 +62,9 @@ class PPOConfig(Strict):
     target_kl: float | None = None  # stop the epochs early when approx KL exceeds this
     norm_obs: bool = True  # running observation normalisation (clipped to +-10)
     norm_reward: bool = True  # running return-scale reward normalisation (clipped to +-10)
+    sampling_error_every: int = Field(0, ge=0)  # iterations between PROPS's sampling-error measurements (0 = off)
+    sampling_error_epochs: int = Field(2000, ge=1)  # full-batch Adam steps fitting the empirical policy
+    sampling_error_lr: float = 1e-3  # their Adam lr (linearly decayed to 0)
 
 
 # ----- the math: pure functions of tensors -----
@@ -128,6 +131,46 @@ class GaussianPolicy(nn.Module):
 
     def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.dist(obs).log_prob(action).sum(-1)
+
+
+def sampling_error(policy: GaussianPolicy, obs: torch.Tensor, act: torch.Tensor, epochs: int = 2000,
+                   lr: float = 1e-3) -> torch.Tensor:
+    """PROPS's sampling error of the data (obs, act) w.r.t. ``policy``: an estimate of KL(pi_D || pi_theta).
+
+    pi_D, the empirical policy, is the maximum-likelihood fit of the data within ``policy``'s family started
+    from ``policy`` itself, with the hidden (feature) layers frozen: only the mean's last linear layer and the
+    log-std move (full-batch Adam, lr linearly decayed to 0 over ``epochs``). Then
+
+        sampling_error = mean over the data of  log pi_D(a|s) - log pi_theta(a|s).
+
+    0 means the data look exactly like pi_theta's own samples; on-policy sampling of a finite batch is never
+    0. This is the authors' ``compute_se`` (github.com/NicholasCorrado/PROPS, ``ppo_continuous.py``; 2000
+    epochs, Adam 1e-3 with linear decay, frozen features as in ROS). For a state-independent Gaussian the
+    fitted pi_D is the sample mean / (biased) std and the estimate equals the closed-form KL between the two
+    Gaussians exactly (tested). Uses no random numbers: training is unaffected.
+    """
+    with torch.no_grad():
+        feats = policy.mean[:-1](obs)  # frozen features, computed once
+        logp_target = policy.log_prob(obs, act)
+    last = policy.mean[-1]
+    w, b = last.weight.detach().clone().requires_grad_(), last.bias.detach().clone().requires_grad_()
+    log_std = policy.log_std.detach().clone().requires_grad_()
+    opt = torch.optim.Adam([w, b, log_std], lr=lr)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=epochs)
+
+    def logp_empirical() -> torch.Tensor:
+        mu = torch.nn.functional.linear(feats, w, b)
+        return torch.distributions.Normal(mu, log_std.expand_as(mu).exp()).log_prob(act).sum(-1)
+
+    with torch.enable_grad():
+        for _ in range(epochs):
+            loss = -logp_empirical().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return (logp_empirical() - logp_target).mean()
 
 
 class RunningMeanStd(nn.Module):

@@ -21,6 +21,10 @@ Zero adaptation (``props_lr = 0``) with ``buffer_batches = 1`` is PPO exactly (t
 behaviour policy then always equals the target policy, and PROPS's minibatch shuffles draw from their own
 generator.
 
+Sampling error (the paper's measure, for ``ppo`` and ``ppo_props`` alike): ``hp.sampling_error_every = k`` logs
+``props/sampling_error`` every k iterations on the data PPO is about to train on — KL(pi_D || pi_theta) with
+pi_D the maximum-likelihood policy of that data (:func:`offpolicy.control.ppo.sampling_error`).
+
 Defaults (authors' ``ppo_continuous.py``): props_num_steps 8, props lr 1e-3, 16 epochs x 16 minibatches,
 eps_P 0.3, target KL 0.1, lambda_P 0 (the KL regulariser is estimated here as mean(log pi_theta - log pi_phi)
 on buffer actions; their code weights a density by probabilities, and is off by default); buffer_batches
