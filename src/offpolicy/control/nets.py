@@ -125,6 +125,23 @@ class DeterministicActor(nn.Module):
         return torch.tanh(self.net(obs))
 
 
+class ObsNorm(nn.Module):
+    """Per-feature observation standardisation fitted once on an offline dataset (TD3+BC, RO2O):
+    ``(obs - mean) / std`` with std floored by 1e-3; identity until :meth:`fit`. Buffers, so checkpoints keep it."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("std", torch.ones(d))
+
+    def fit(self, obs: torch.Tensor) -> None:
+        self.mean.copy_(obs.mean(0))
+        self.std.copy_(obs.std(0) + 1e-3)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.mean) / self.std
+
+
 def polyak(target: nn.Module, online: nn.Module, tau: float) -> None:
     """target <- (1 - tau) target + tau online, for every parameter (one fused foreach call)."""
     with torch.no_grad():

@@ -58,7 +58,7 @@ from pydantic import Field
 from torch import nn
 
 from offpolicy.control.loop import OffPolicyConfig
-from offpolicy.control.nets import Critics, TanhGaussianActor, Temperature, adam, frozen, polyak
+from offpolicy.control.nets import Critics, ObsNorm, TanhGaussianActor, Temperature, adam, frozen, polyak
 from offpolicy.control.sac import critic_mse, soft_target
 
 
@@ -135,7 +135,7 @@ class RO2O:
         actor = TanhGaussianActor(obs_dim, act_dim, hp.hidden, "relu", log_std_min=hp.log_std_min)
         critic = Critics(obs_dim, act_dim, hp.hidden, n=hp.n_critics)
         self.nets = nn.ModuleDict({"actor": actor, "critic": critic, "critic_target": copy.deepcopy(critic),
-                                   "temperature": Temperature(1.0), "obs_norm": _Norm(obs_dim)})
+                                   "temperature": Temperature(1.0), "obs_norm": ObsNorm(obs_dim)})
         self.nets["critic_target"].requires_grad_(False)
         self.opts = {"actor": adam(actor.parameters(), hp.actor_lr), "critic": adam(critic.parameters(), hp.critic_lr),
                      "alpha": adam(self.nets["temperature"].parameters(), hp.alpha_lr)}
@@ -149,8 +149,7 @@ class RO2O:
     # ----- hooks of the offline / online loop -----
     def set_obs_stats(self, obs: torch.Tensor) -> None:
         if self.hp.normalize_obs:
-            self.nets["obs_norm"].mean.copy_(obs.mean(0))
-            self.nets["obs_norm"].std.copy_(obs.std(0) + 1e-3)
+            self.nets["obs_norm"].fit(obs)
 
     def start_online(self) -> None:
         self.online = True
@@ -159,8 +158,7 @@ class RO2O:
         """Per-step hook (unused)."""
 
     def _norm(self, obs: torch.Tensor) -> torch.Tensor:
-        n = self.nets["obs_norm"]
-        return (obs - n.mean) / n.std
+        return self.nets["obs_norm"](obs)
 
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         actor = self.nets["actor"]
@@ -238,11 +236,3 @@ def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-
-
-class _Norm(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(d))
-        self.register_buffer("std", torch.ones(d))
-

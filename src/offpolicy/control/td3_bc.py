@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from offpolicy.control.nets import ObsNorm
 from offpolicy.control.td3 import TD3, TD3Config
 
 
@@ -42,7 +43,7 @@ class TD3BC:
     def __init__(self, obs_dim: int, act_dim: int, hp: TD3BCConfig) -> None:
         self.hp, self.td3 = hp, TD3(obs_dim, act_dim, hp)
         self.nets, self.opts = self.td3.nets, self.td3.opts
-        self.nets["obs_norm"] = _Norm(obs_dim)
+        self.nets["obs_norm"] = ObsNorm(obs_dim)
 
     @staticmethod
     def train(cfg):
@@ -52,12 +53,10 @@ class TD3BC:
 
     def set_obs_stats(self, obs: torch.Tensor) -> None:
         if self.hp.normalize_obs:
-            self.nets["obs_norm"].mean.copy_(obs.mean(0))
-            self.nets["obs_norm"].std.copy_(obs.std(0) + 1e-3)
+            self.nets["obs_norm"].fit(obs)
 
     def _norm(self, obs: torch.Tensor) -> torch.Tensor:
-        n = self.nets["obs_norm"]
-        return (obs - n.mean) / n.std
+        return self.nets["obs_norm"](obs)
 
     def observe(self, reward, terminated, truncated) -> None:
         """Per-step hook of the online phase (unused)."""
@@ -67,10 +66,3 @@ class TD3BC:
 
     def update(self, b: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         return self.td3.update({**b, "obs": self._norm(b["obs"]), "next_obs": self._norm(b["next_obs"])}, step)
-
-
-class _Norm(torch.nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(d))
-        self.register_buffer("std", torch.ones(d))
