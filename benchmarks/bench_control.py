@@ -30,7 +30,7 @@ PROPS's sampling error vs PPO and PPO-Buffer (``ppo_buffer`` = ``ppo_props`` wit
 ``--eval-every N`` evaluates every N env steps (``--eval-episodes`` deterministic episodes, the same evaluation
 seeds for both libraries: ours through the loop's ``run.eval_every``, SB3 through a callback calling the same
 ``evaluate``); the time spent there is subtracted from seconds per 1k steps on both sides. ``--append`` adds
-algorithms to an existing result file; the file is rewritten after every run, so a cut-off benchmark keeps
+algorithms or seeds to an existing result file (rows of the same algorithm and seed are replaced); the file is rewritten after every run, so a cut-off benchmark keeps
 what finished.
 
 Both libraries get the same environment, steps, network sizes (actor and critics), learning rate, batch,
@@ -184,12 +184,13 @@ def main() -> None:
         reward_scale_sweep(a)
         return
     rows, work = [], Path("runs/bench_control")
-    prior = []  # --append: rows of other algorithms already in --out (their settings stay as recorded)
+    prior = []  # --append: rows of other (algorithm, seed) pairs already in --out (their settings stay as recorded)
     if a.append and Path(a.out).exists():
         old = json.loads(Path(a.out).read_text())
-        names = {n for al in a.algos for n in (al, f"sb3_{al}")}
-        prior = [r for r in old["rows"] if r["algo"] not in names]
+        rerun = {(n, s) for al in a.algos for n in (al, f"sb3_{al}") for s in a.seeds}
+        prior = [r for r in old["rows"] if (r["algo"], r["seed"]) not in rerun]
         a.prior_settings = old.get("settings")
+        a.prior_appended = old.get("settings_appended", [])
     for seed in a.seeds:
         for algo in a.algos:
             for lib in (["ours", "sb3"] if algo in ("sac", "td3", "ppo") and not a.no_sb3 else ["ours"]):
@@ -229,8 +230,9 @@ def write_result(a, rows: list[dict]) -> dict:
                 "eval_every": a.eval_every, "curve_eval_episodes": a.eval_episodes}
     result = {"benchmark": "control_vs_sb3", "short": a.short, "machine": machine(),
               "settings": getattr(a, "prior_settings", None) or settings, "rows": rows}
-    if getattr(a, "prior_settings", None):
-        result["settings_appended"] = {**settings, "algos": a.algos}
+    if getattr(a, "prior_settings", None):  # one entry per --append run, oldest first
+        earlier = a.prior_appended if isinstance(a.prior_appended, list) else [a.prior_appended]
+        result["settings_appended"] = [*earlier, {**settings, "algos": a.algos}]
     for algo in ("sac", "td3", "ppo"):
         if per_1k(algo) and per_1k(f"sb3_{algo}"):
             result[f"{algo}_speed_ratio_vs_sb3"] = round(per_1k(f"sb3_{algo}") / per_1k(algo), 3)

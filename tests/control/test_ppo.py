@@ -142,3 +142,20 @@ def test_pendulum_smoke(tmp_path, algo):
 
     r = evaluate_checkpoint(tmp_path / "checkpoints", episodes=1)
     assert r["algo"] == algo and math.isfinite(r["return_mean"])
+
+
+def test_props_trains_on_the_rows_the_next_ppo_update_will_see(tmp_path, monkeypatch):
+    # b = 2 batches of 32 steps, behaviour update every 8: inside a batch it sees the previous batch (once one
+    # exists) plus the t rows collected so far; right after PPO it sees the one batch that stays
+    import offpolicy.control.onpolicy as onpolicy
+
+    seen, real = [], onpolicy.props_update
+
+    def record(behaviour, opt, obs, act, logp, hp, gen):
+        seen.append(obs.shape[0])
+        return real(behaviour, opt, obs, act, logp, hp, gen)
+
+    monkeypatch.setattr(onpolicy, "props_update", record)
+    train(load_control_config(None, [*ON, "run.total_steps=96", "algo=ppo_props", f"run.out_dir={tmp_path}",
+                                     "hp.props_num_steps=8", "hp.props_target_kl=null", "hp.buffer_batches=2"]))
+    assert seen == [8, 16, 24, 32, 40, 48, 56, 32, 40, 48, 56, 32]

@@ -77,12 +77,14 @@ def train_on_policy(cfg: ControlConfig) -> dict:
     def ordered() -> torch.Tensor:  # buffer rows, oldest first
         return (torch.arange(cap) + pos) % cap if filled == cap else torch.arange(filled)
 
-    def behaviour_step() -> dict:
-        """PROPS: pi_phi <- pi_theta, then adapt it on the buffer (once the buffer has filled)."""
+    def behaviour_step(t: int) -> dict:
+        """PROPS: pi_phi <- pi_theta, then adapt it on the rows the next PPO update will train on that exist
+        now: the newest (b - 1) batches plus the t rows of the current batch (the oldest batch is on its way out)."""
         agent.nets["behaviour"].load_state_dict(actor.state_dict())
-        if filled < cap or props.props_lr == 0:  # props_lr 0: no adaptation, so skip the no-op Adam epochs
+        keep = min(filled, (props.buffer_batches - 1) * hp.num_steps + t)
+        if keep == 0 or props.props_lr == 0:  # props_lr 0: no adaptation, so skip the no-op Adam epochs
             return {}
-        rows = ordered()[props.props_num_steps:]  # the oldest chunk is evicted before the next update
+        rows = ordered()[-keep:]
         obs, act = store["obs"][rows].flatten(0, 1), store["act"][rows].flatten(0, 1)
         with torch.no_grad():
             logp_t = actor.log_prob(obs, act)
@@ -115,7 +117,7 @@ def train_on_policy(cfg: ControlConfig) -> dict:
                 last_ret = ret
                 log.log({"global_step": step, "charts/episodic_return": ret, "charts/episodic_length": length})
             if props and (t + 1) % props.props_num_steps == 0 and t + 1 < hp.num_steps:
-                props_stats = behaviour_step() or props_stats
+                props_stats = behaviour_step(t + 1) or props_stats
         rows = ordered()
         data = {f: store[f][rows] for f in FIELDS}  # (L, N, ...)
         with torch.no_grad():
@@ -133,7 +135,7 @@ def train_on_policy(cfg: ControlConfig) -> dict:
             eval_seconds += time.perf_counter() - te
         stats = ppo_update(agent, flat, hp)
         if props:
-            props_stats = behaviour_step() or props_stats
+            props_stats = behaviour_step(0) or props_stats
         it += 1
         sps = (step - s0) / (time.perf_counter() - t0)
         log.log({"global_step": step, **to_floats({**stats, **props_stats, **se_stats}), "charts/SPS": sps,

@@ -13,9 +13,10 @@ so that the buffer's empirical action distribution moves towards pi_theta (lower
     L_PROPS  = mean( max( r_phi, clip(r_phi, 1 - eps_P, 1 + eps_P) ) ) + lambda_P mean( log pi_theta - log pi_phi )
 
 (PPO's clipped objective with every advantage set to -1: lower the probability of actions already in the
-buffer, but not beyond 1 - eps_P.) The epochs stop as soon as the approximate KL(pi_theta || pi_phi)
-exceeds ``props_target_kl``. When the buffer is full the oldest ``props_num_steps`` rows, about to be
-evicted, are left out of the update (authors' code).
+buffer, but not beyond 1 - eps_P.) Each behaviour update trains on exactly the rows the next PPO update will
+see that exist so far: the newest (b - 1) batches plus the part of the current batch collected so far (the
+authors roll the oldest batch out of the slice they train on). After each gradient step the update stops if
+the approximate KL(pi_theta || pi_phi) measured on that step's minibatch exceeds ``props_target_kl``.
 
 Zero adaptation (``props_lr = 0``) with ``buffer_batches = 1`` is PPO exactly (tested bit for bit): the
 behaviour policy then always equals the target policy, and PROPS's minibatch shuffles draw from their own
@@ -25,12 +26,16 @@ Sampling error (the paper's measure, for ``ppo`` and ``ppo_props`` alike): ``hp.
 ``props/sampling_error`` every k iterations on the data PPO is about to train on — KL(pi_D || pi_theta) with
 pi_D the maximum-likelihood policy of that data (:func:`offpolicy.control.ppo.sampling_error`).
 
-Defaults (authors' ``ppo_continuous.py``): props_num_steps 8, props lr 1e-3, 16 epochs x 16 minibatches,
-eps_P 0.3, target KL 0.1, lambda_P 0 (the KL regulariser is estimated here as mean(log pi_theta - log pi_phi)
-on buffer actions; their code weights a density by probabilities, and is off by default); buffer_batches
-2 (their script's default is 1; the paper's gains come from reusing b > 1 batches). PPO settings as ``ppo``.
-Deviations: the behaviour policy is reset to the target after every PPO update (the authors' reset happens
-at the next PROPS update, 8 steps later), and adaptation starts once the buffer has filled (as theirs).
+Defaults (authors' ``ppo_continuous.py``, every version that has PROPS): props_num_steps 8, props lr 1e-3,
+16 epochs, eps_P 0.3, target KL 0.1, lambda_P 0 (the KL regulariser is estimated here as mean(log pi_theta -
+log pi_phi) on buffer actions; their code weights a density by probabilities, and is off by default);
+buffer_batches 2 (their script's default is 1; the paper's gains come from reusing b > 1 batches). Their
+script sets 16 minibatches but computes the minibatch size as ``max(B // 16, B) = B``, so each epoch is one
+full-batch step; ``props_num_minibatches`` defaults to 1, which is what runs there (their later discrete script
+uses real minibatches: set it to 4 for that). PPO settings as ``ppo``.
+Deviation: the behaviour policy is also reset to the target right after every PPO update and adapted on the
+(b - 1) retained batches (the authors' reset happens at the next PROPS update, 8 steps later, so their first 8
+steps of a batch come from a behaviour policy adapted to the previous target).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class PROPSConfig(PPOConfig):
     props_num_steps: int = Field(8, ge=1)  # steps between behaviour updates (must divide num_steps)
     props_lr: float = 1e-3  # behaviour Adam learning rate (0 = no adaptation: PPO with a b-batch buffer)
     props_update_epochs: int = Field(16, ge=0)  # epochs per behaviour update
-    props_num_minibatches: int = Field(16, ge=1)  # minibatches per behaviour epoch
+    props_num_minibatches: int = Field(1, ge=1)  # minibatches per behaviour epoch (1 = full batch, as theirs)
     props_clip_coef: float = 0.3  # eps_P
     props_target_kl: float | None = 0.1  # stop when approx KL(pi_theta || pi_phi) exceeds this
     props_lambda: float = 0.0  # lambda_P: KL regulariser weight
@@ -78,10 +83,10 @@ def props_update(behaviour: GaussianPolicy, opt: torch.optim.Optimizer, obs: tor
             idx = perm[start:start + mb]
             loss, stats = props_loss(behaviour.log_prob(obs[idx], act[idx]), logp_target[idx],
                                      clip_coef=hp.props_clip_coef, lam=hp.props_lambda)
-            if hp.props_target_kl is not None and stats["props/approx_kl"] > hp.props_target_kl:
-                return stats
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(list(behaviour.parameters()), hp.props_max_grad_norm)
             opt.step()
+            if hp.props_target_kl is not None and stats["props/approx_kl"] > hp.props_target_kl:
+                return stats  # authors: the step is taken, then the epochs stop
     return stats
