@@ -21,6 +21,8 @@ writes the JSON and a PNG of the curves beside it):
         --lr 3e-4 --hidden 256 256 --seeds 0 1 2 --eval-every 2500 --eval-episodes 5 --algos sac dsac_t \
         --out benchmarks/results/control_halfcheetah.json
     ... --env Hopper-v5 --steps 10000 --learning-starts 2500 ... --out benchmarks/results/control_hopper.json
+    ... --env Hopper-v5 --steps 30000 --learning-starts 2500 --eval-every 5000 ... --out .../control_hopper_30k.json
+    ... --algos flashsac --no-sb3 --flashsac-hidden 128 --append     # FlashSAC rows added to any of the above
 
 PROPS's sampling error vs PPO and PPO-Buffer (``ppo_buffer`` = ``ppo_props`` with ``props_lr=0``):
 
