@@ -117,8 +117,7 @@ def train_offline(cfg: ControlConfig) -> dict:
         if meta is not None and meta.get("phase") == "online":
             online.load_state_dict(tensors, meta["buffer"])
             obs = envs.load_state(tensors, meta["envs"])
-        if hasattr(agent, "start_online"):
-            agent.start_online()
+        agent.start_online()
         ne, base, s0 = len(envs), run.total_steps, st["env_step"]
         bar = Progress(online_steps, s0, run.progress, f"{cfg.algo} online {cfg.env.id}")
         metrics: dict = {}
@@ -165,3 +164,25 @@ def _dataset_buffer(data: dict, n: int, obs_dim: int, act_dim: int, reward_scale
     trunc = data["end"] & (data["term"] == 0)
     buffer.extend(data["obs"], data["act"], data["rew"] * reward_scale, data["next_obs"], data["term"] > 0, trunc)
     return buffer
+
+
+class OfflineAgent:
+    """Hooks every agent of this loop shares (``td3_bc``, ``ro2o``): the loop itself as ``train``, observations
+    normalised by ``nets["obs_norm"]`` (fitted on the dataset when ``hp.normalize_obs``), no per-step hook."""
+
+    @staticmethod
+    def train(cfg: ControlConfig) -> dict:
+        return train_offline(cfg)
+
+    def set_obs_stats(self, obs: torch.Tensor) -> None:
+        if self.hp.normalize_obs:
+            self.nets["obs_norm"].fit(obs)
+
+    def _norm(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.nets["obs_norm"](obs)
+
+    def start_online(self) -> None:
+        """Called once when the online phase begins."""
+
+    def observe(self, reward, terminated, truncated) -> None:
+        """Per-step hook of the online phase (unused)."""

@@ -59,6 +59,7 @@ from torch import nn
 
 from offpolicy.control.loop import OffPolicyConfig
 from offpolicy.control.nets import Critics, ObsNorm, TanhGaussianActor, Temperature, adam, frozen, polyak
+from offpolicy.control.offline import OfflineAgent
 from offpolicy.control.sac import critic_mse, soft_target
 
 
@@ -126,7 +127,7 @@ def ood_reg_at(hp: RO2OConfig, update: int, online: bool) -> float:
     return hp.ood_reg_min if online else max(hp.ood_reg - hp.ood_reg_decay * update, hp.ood_reg_min)
 
 
-class RO2O:
+class RO2O(OfflineAgent):
     Config = RO2OConfig
 
     def __init__(self, obs_dim: int, act_dim: int, hp: RO2OConfig) -> None:
@@ -140,25 +141,8 @@ class RO2O:
         self.opts = {"actor": adam(actor.parameters(), hp.actor_lr), "critic": adam(critic.parameters(), hp.critic_lr),
                      "alpha": adam(self.nets["temperature"].parameters(), hp.alpha_lr)}
 
-    @staticmethod
-    def train(cfg):
-        from offpolicy.control.offline import train_offline
-
-        return train_offline(cfg)
-
-    # ----- hooks of the offline / online loop -----
-    def set_obs_stats(self, obs: torch.Tensor) -> None:
-        if self.hp.normalize_obs:
-            self.nets["obs_norm"].fit(obs)
-
     def start_online(self) -> None:
         self.online = True
-
-    def observe(self, reward, terminated, truncated) -> None:
-        """Per-step hook (unused)."""
-
-    def _norm(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.nets["obs_norm"](obs)
 
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         actor = self.nets["actor"]

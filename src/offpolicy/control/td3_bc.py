@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 
 from offpolicy.control.nets import ObsNorm
+from offpolicy.control.offline import OfflineAgent
 from offpolicy.control.td3 import TD3, TD3Config
 
 
@@ -35,7 +36,7 @@ class TD3BCConfig(TD3Config):
     online_keep_dataset: bool = False  # online buffer starts with the dataset (False: online data only)
 
 
-class TD3BC:
+class TD3BC(OfflineAgent):
     """TD3 with the BC actor loss, and observations normalised inside ``act`` and ``update``."""
 
     Config = TD3BCConfig
@@ -44,22 +45,6 @@ class TD3BC:
         self.hp, self.td3 = hp, TD3(obs_dim, act_dim, hp)
         self.nets, self.opts = self.td3.nets, self.td3.opts
         self.nets["obs_norm"] = ObsNorm(obs_dim)
-
-    @staticmethod
-    def train(cfg):
-        from offpolicy.control.offline import train_offline
-
-        return train_offline(cfg)
-
-    def set_obs_stats(self, obs: torch.Tensor) -> None:
-        if self.hp.normalize_obs:
-            self.nets["obs_norm"].fit(obs)
-
-    def _norm(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.nets["obs_norm"](obs)
-
-    def observe(self, reward, terminated, truncated) -> None:
-        """Per-step hook of the online phase (unused)."""
 
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         return self.td3.act(self._norm(obs), deterministic)
